@@ -1,0 +1,129 @@
+"""All configuration, read once from the environment into one frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+PROVIDERS = ("demo",)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with; the message names the variable."""
+
+
+def _parse(env: Mapping[str, str], name: str, default: T, convert: Callable[[str], T], rule: str) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return convert(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {rule}, got {raw!r}") from None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(raw)
+        return value
+
+    return convert
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise ValueError(raw)
+    return value
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _provider(raw: str) -> str:
+    if raw not in PROVIDERS:
+        raise ValueError(raw)
+    return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(raw)
+    return origins
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every knob of the service; build it with `Settings.from_env()`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    redis_pool_size: int = 8
+    provider: str = "demo"
+    demo_tokens_per_second: float = 20.0
+    demo_answer_tokens: int = 120
+    session_ttl_seconds: int = 3600
+    max_message_chars: int = 4000
+    max_body_bytes: int = 32 * 1024
+    max_answer_events: int = 20_000
+    heartbeat_seconds: float = 15.0
+    sse_retry_ms: int = 1000
+    lease_ttl_seconds: float = 5.0
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read CHATBOT_* variables; a bad value raises SettingsError naming the variable."""
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            host=env.get("CHATBOT_HOST", "").strip() or d.host,
+            port=_parse(env, "CHATBOT_PORT", d.port, _int_in(0, 65535), "an integer 0-65535"),
+            redis_url=_parse(env, "CHATBOT_REDIS_URL", d.redis_url, _redis_url, "a redis:// URL or empty"),
+            redis_pool_size=_parse(
+                env, "CHATBOT_REDIS_POOL_SIZE", d.redis_pool_size, _int_in(2, 1000), "an integer 2-1000"
+            ),
+            provider=_parse(env, "CHATBOT_PROVIDER", d.provider, _provider, f"one of {', '.join(PROVIDERS)}"),
+            demo_tokens_per_second=_parse(
+                env, "CHATBOT_DEMO_TOKENS_PER_SECOND", d.demo_tokens_per_second, _positive_float, "a number > 0"
+            ),
+            demo_answer_tokens=_parse(
+                env, "CHATBOT_DEMO_ANSWER_TOKENS", d.demo_answer_tokens, _int_in(1, 100_000), "an integer 1-100000"
+            ),
+            session_ttl_seconds=_parse(
+                env, "CHATBOT_SESSION_TTL_SECONDS", d.session_ttl_seconds, _int_in(1, 30 * 86400), "seconds, 1-2592000"
+            ),
+            max_message_chars=_parse(
+                env, "CHATBOT_MAX_MESSAGE_CHARS", d.max_message_chars, _int_in(1, 1_000_000), "an integer 1-1000000"
+            ),
+            max_body_bytes=_parse(
+                env, "CHATBOT_MAX_BODY_BYTES", d.max_body_bytes, _int_in(256, 16 * 1024 * 1024), "bytes, 256-16777216"
+            ),
+            max_answer_events=_parse(
+                env, "CHATBOT_MAX_ANSWER_EVENTS", d.max_answer_events, _int_in(10, 10_000_000), "an integer >= 10"
+            ),
+            heartbeat_seconds=_parse(
+                env, "CHATBOT_HEARTBEAT_SECONDS", d.heartbeat_seconds, _positive_float, "seconds > 0"
+            ),
+            sse_retry_ms=_parse(env, "CHATBOT_SSE_RETRY_MS", d.sse_retry_ms, _int_in(0, 600_000), "milliseconds"),
+            lease_ttl_seconds=_parse(
+                env, "CHATBOT_LEASE_TTL_SECONDS", d.lease_ttl_seconds, _positive_float, "seconds > 0"
+            ),
+            cors_origins=_parse(env, "CHATBOT_CORS_ORIGINS", d.cors_origins, _origins, "comma-separated origins"),
+        )
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.redis_url is None
