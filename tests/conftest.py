@@ -166,12 +166,14 @@ def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def spawn_server(port: int, redis_url: str, **extra: str) -> subprocess.Popen[bytes]:
-    """`python -m chatbot serve` as a child process; the caller waits for it with `wait_healthy`."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "chatbot", "serve"],
-        cwd=str(ROOT),
-        env=serve_env(port, redis_url, **extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def spawn_server(port: int, redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """`python -m chatbot serve` as a child process, its output in `log` (a pipe could fill and block it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "chatbot", "serve"],
+            cwd=str(ROOT),
+            env=serve_env(port, redis_url, **extra),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
