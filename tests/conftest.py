@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -150,8 +151,29 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]
     from chatbot.app import create_app
 
     app = create_app(settings)
-    async with TestClient(TestServer(app)) as test_client:
+    test_client: TestClient[object, object] = TestClient(TestServer(app))
+    await test_client.start_server()
+    try:
         yield test_client
+    finally:
+        await close_promptly(test_client)
+
+
+SHUTDOWN_SECONDS = 10.0
+
+
+async def close_promptly(test_client: TestClient[object, object]) -> None:
+    """Close the client and server; an app whose cleanup hangs fails here instead of at the test timeout."""
+    # not asyncio.timeout: a cleanup that swallows its own cancellation would hang that too
+    closing = asyncio.create_task(test_client.close())
+    done, _ = await asyncio.wait([closing], timeout=SHUTDOWN_SECONDS)
+    if not done:
+        _ABANDONED.append(closing)
+        raise AssertionError(f"the app did not shut down within {SHUTDOWN_SECONDS} s (its cleanup hangs)")
+    closing.result()
+
+
+_ABANDONED: list[asyncio.Task[None]] = []
 
 
 def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:

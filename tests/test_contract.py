@@ -446,3 +446,17 @@ def test_settings_fixture_really_uses_both_stores(settings: Settings, store: str
     assert dataclasses.replace(settings).port == 0
     assert STATUSES == {"queued", "streaming", "done", "cancelled", "failed"}
     assert json.dumps(settings.demo_answer_tokens)
+
+
+@pytest.mark.parametrize("requests", [0, 1])
+async def test_app_shuts_down_promptly(settings: Settings, requests: int) -> None:
+    """Cleanup cancels and awaits every task the app owns, whether or not it served anything."""
+    from chatbot.app import create_app
+    from tests.conftest import close_promptly
+
+    for _ in range(3):
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        for _ in range(requests):
+            await (await client.get("/healthz")).read()
+        await close_promptly(client)
