@@ -78,6 +78,7 @@ class Hub:
         self._topics: dict[str, _Topic] = {}
         self._dirty: set[str] = set()
         self._fetch_wake = asyncio.Event()
+        self._sweep_now = asyncio.Event()
         self._pubsub: Any = None
         self._pubsub_ready = asyncio.Event()
         self._pubsub_lock = asyncio.Lock()
@@ -225,6 +226,8 @@ class Hub:
                 await self._pubsub.subscribe(*(keys.notify_channel(sid) for sid in sids))
             self._subscribed = set(sids)
             self._pubsub_ready.set()
+        if sids:
+            self._sweep_now.set()  # the store may have restarted: check every producer at once
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
@@ -299,12 +302,15 @@ class Hub:
         """End streams whose producer's lease lapsed: every reader, here and elsewhere, sees the error."""
         interval = max(0.1, self._lease_ttl / 2)
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), interval)
+            threshold = 0.0 if self._sweep_now.is_set() else interval
+            self._sweep_now.clear()
             now = time.monotonic()
             quiet = [
                 sid
                 for sid, topic in self._topics.items()
-                if not topic.ended and topic.cursor is not None and now - topic.last_change > interval
+                if not topic.ended and topic.cursor is not None and now - topic.last_change >= threshold
             ]
             if not quiet:
                 continue
@@ -313,7 +319,19 @@ class Hub:
                     data = events.error_data(
                         "producer_lost", "The server generating this answer stopped.", retryable=True
                     )
-                    if await self._store.fail_orphan(sid, data) is not None:
+                    outcome = await self._store.fail_orphan(sid, data)
+                    if outcome == "gone":
+                        self._end_topic(sid)
+                    elif outcome is not None:
                         log.warning("session %s: producer lost; ended with a retryable error", sid)
             except (RedisError, OSError) as exc:
                 log.warning("lease sweep failed: %s", exc)
+
+    def _end_topic(self, session_id: str) -> None:
+        """The session vanished from the store: end its streams; a reconnect is answered 404, not silence."""
+        log.warning("session %s: vanished from the store; ending its streams", session_id)
+        if (topic := self._topics.get(session_id)) is not None:
+            topic.ended = True
+            for sub in topic.subscribers:
+                sub.closed = True
+                sub.wake.set()
