@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 DEFAULT_TIMEOUT = 60
 
-# Fast demo answers: 40 tokens at 200/s take 0.2 s.
+# Fast demo answers: 40 tokens at 200/s take 0.2 s. The suite creates many sessions and streams from
+# 127.0.0.1, so the per-client limits are lifted unless a test is about them.
 FAST = {"demo_tokens_per_second": 200.0, "demo_answer_tokens": 40}
+UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -123,7 +125,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def make_settings(store: str, redis_url: str | None, **overrides: object) -> Settings:
-    base = dataclasses.replace(Settings(), port=0, **FAST)  # type: ignore[arg-type]
+    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED)  # type: ignore[arg-type]
     if store == "redis":
         base = dataclasses.replace(base, redis_url=redis_url)
     else:
@@ -183,6 +185,8 @@ def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:
         CHATBOT_HOST="127.0.0.1",
         CHATBOT_PORT=str(port),
         CHATBOT_REDIS_URL=redis_url,
+        CHATBOT_RATE_LIMIT="0",
+        CHATBOT_MAX_STREAMS_PER_ADDRESS="100000",
     )
     env.update(extra)
     return env
