@@ -460,3 +460,14 @@ async def test_app_shuts_down_promptly(settings: Settings, requests: int) -> Non
         for _ in range(requests):
             await (await client.get("/healthz")).read()
         await close_promptly(client)
+
+
+@pytest.mark.settings(lease_ttl_seconds=0.3, demo_tokens_per_second=50.0, demo_answer_tokens=60)
+async def test_long_answer_outlives_its_lease_without_false_failure(client: TestClient[Any, Any]) -> None:
+    """An answer lasting several lease periods is renewed, not declared dead: it ends with done."""
+    created = await create_session(client)
+    started = time.monotonic()
+    stream = await wait_terminal(client, created["id"])
+    assert time.monotonic() - started > 3 * 0.3, "the answer was too short to outlive its lease"
+    assert stream.events[-1].type == "done", stream.events[-1]
+    assert (await get_session(client, created["id"]))["status"] == "done"
