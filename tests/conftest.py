@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.settings import Settings
@@ -65,12 +66,18 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._dir,
-                "--maxclients", "4000",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir,
+                "--maxclients",
+                "4000",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -149,11 +156,11 @@ def settings(request: pytest.FixtureRequest, store: str) -> Settings:
 
 
 @pytest_asyncio.fixture
-async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]]:
+async def client(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     from chatbot.app import create_app
 
     app = create_app(settings)
-    test_client: TestClient[object, object] = TestClient(TestServer(app))
+    test_client: TestClient[web.Request, web.Application] = TestClient(TestServer(app))
     await test_client.start_server()
     try:
         yield test_client
@@ -164,7 +171,7 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]
 SHUTDOWN_SECONDS = 10.0
 
 
-async def close_promptly(test_client: TestClient[object, object]) -> None:
+async def close_promptly(test_client: TestClient[web.Request, web.Application]) -> None:
     """Close the client and server; an app whose cleanup hangs fails here instead of at the test timeout."""
     # not asyncio.timeout: a cleanup that swallows its own cancellation would hang that too
     closing = asyncio.create_task(test_client.close())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -67,9 +66,7 @@ class Stream:
     parser: SSEParser
 
 
-async def read_stream(
-    client: Any, session_id: str, *, last_event_id: str | None = None, by: str = "header"
-) -> Stream:
+async def read_stream(client: Any, session_id: str, *, last_event_id: str | None = None, by: str = "header") -> Stream:
     """GET /events/<id> to its end (optionally resuming by header or query) and parse it."""
     headers: dict[str, str] = {}
     params: dict[str, str] = {}
@@ -139,15 +136,14 @@ async def wait_terminal(client: Any, session_id: str) -> Stream:
     return stream
 
 
-async def first_event(client: Any, session_id: str, kind: str = "token", timeout: float = 10) -> Event:
+async def first_event(client: Any, session_id: str, kind: str = "token") -> Event:
     """Open the stream and return its first event of the given type (then drop the connection)."""
     async with client.get(f"/events/{session_id}") as resp:
         assert resp.status == 200
         parser = SSEParser()
-        async with asyncio.timeout(timeout):
-            while True:
-                chunk = await resp.content.readany()
-                assert chunk, "stream ended before the awaited event"
-                for event in parser.feed(chunk):
-                    if event.type == kind:
-                        return event
+        while True:
+            chunk = await resp.content.readany()
+            assert chunk, "stream ended before the awaited event"
+            for event in parser.feed(chunk):
+                if event.type == kind:
+                    return event

@@ -117,10 +117,9 @@ class SSEParser:
             if "\x00" not in value:
                 self.last_event_id = value
                 self._block_id = value
-        elif name == "retry":
-            if value and all("0" <= c <= "9" for c in value):
-                self.retries.append(int(value))
-                self.items.append(("retry", int(value)))
+        elif name == "retry" and value and all("0" <= c <= "9" for c in value):
+            self.retries.append(int(value))
+            self.items.append(("retry", int(value)))
         return None
 
     def _dispatch(self) -> Event | None:
