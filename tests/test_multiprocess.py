@@ -317,3 +317,21 @@ async def test_300_streams_use_a_handful_of_redis_connections(
             assert resp.status == 200
     finally:
         cluster.stop_all()
+
+
+@pytest.mark.parametrize("with_traffic", [False, True])
+async def test_sigterm_stops_the_process_promptly(
+    cluster: Cluster, http: aiohttp.ClientSession, with_traffic: bool
+) -> None:
+    """A deployment's SIGTERM ends the process cleanly; a hang here means kill -9 and lost answers."""
+    a = await cluster.start(CHATBOT_DEMO_TOKENS_PER_SECOND="200", CHATBOT_DEMO_ANSWER_TOKENS="40")
+    if with_traffic:
+        created = await post_session(http, a)
+        events = await read_until(http, a, created["id"])
+        assert events[-1].type == "done"
+    a.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while a.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still running 10 s after SIGTERM:\n{a.tail()}"
+        await asyncio.sleep(0.1)  # waiting for a process exit: no event to await
+    assert a.proc.returncode == 0, a.tail()
