@@ -30,6 +30,8 @@ DEFAULT_TIMEOUT = 60
 # 127.0.0.1, so the per-client limits are lifted unless a test is about them.
 FAST = {"demo_tokens_per_second": 200.0, "demo_answer_tokens": 40}
 UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000}
+# Tests end with answers still in flight; they are not about the graceful drain, so keep it short.
+QUICK_DRAIN = {"shutdown_grace_seconds": 1.0}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -132,7 +134,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def make_settings(store: str, redis_url: str | None, **overrides: object) -> Settings:
-    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED)  # type: ignore[arg-type]
+    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED, **QUICK_DRAIN)  # type: ignore[arg-type]
     if store == "redis":
         base = dataclasses.replace(base, redis_url=redis_url)
     else:
@@ -194,6 +196,7 @@ def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:
         CHATBOT_REDIS_URL=redis_url,
         CHATBOT_RATE_LIMIT="0",
         CHATBOT_MAX_STREAMS_PER_ADDRESS="100000",
+        CHATBOT_SHUTDOWN_GRACE_SECONDS="1",
     )
     env.update(extra)
     return env
