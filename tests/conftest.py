@@ -53,9 +53,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throw-away redis-server process on a free loopback port, without persistence."""
+    """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.appendonly = appendonly
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,12 +66,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._dir,
-                "--maxclients", "4000",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self._dir,
+                "--maxclients",
+                "4000",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -94,6 +103,17 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def restart(self) -> None:
+        """SHUTDOWN (which writes the append-only file, if any), then start again on the same port."""
+        assert self.proc is not None
+        with redis.Redis(host="127.0.0.1", port=self.port) as client:
+            try:
+                client.shutdown(nosave=True)
+            except redis.ConnectionError:
+                pass  # the server closes the connection as it exits
+        self.proc.wait(timeout=10)
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -67,9 +67,7 @@ class Stream:
     parser: SSEParser
 
 
-async def read_stream(
-    client: Any, session_id: str, *, last_event_id: str | None = None, by: str = "header"
-) -> Stream:
+async def read_stream(client: Any, session_id: str, *, last_event_id: str | None = None, by: str = "header") -> Stream:
     """GET /events/<id> to its end (optionally resuming by header or query) and parse it."""
     headers: dict[str, str] = {}
     params: dict[str, str] = {}

@@ -140,9 +140,7 @@ async def test_chunked_body_over_limit_is_413(client: TestClient[Any, Any], stor
             yield b"x" * 512
         yield b'"}'
 
-    resp = await client.post(
-        "/sessions", data=payload.AsyncIterablePayload(chunks()), headers={"Content-Type": JSON}
-    )
+    resp = await client.post("/sessions", data=payload.AsyncIterablePayload(chunks()), headers={"Content-Type": JSON})
     await assert_problem(resp, 413)
     await assert_intact(client, stored)
 

@@ -102,9 +102,7 @@ async def test_session_id_is_not_a_conversation_id(client: TestClient[Any, Any])
 # --- reading the stream --------------------------------------------------------------------------
 
 
-async def test_stream_is_well_formed_and_matches_session_text(
-    client: TestClient[Any, Any], settings: Settings
-) -> None:
+async def test_stream_is_well_formed_and_matches_session_text(client: TestClient[Any, Any], settings: Settings) -> None:
     created = await create_session(client)
     stream = await read_stream(client, created["id"])
     assert stream.status == 200
@@ -203,9 +201,7 @@ def triples(events: list[Any]) -> list[tuple[str | None, str, str]]:
 
 @pytest.mark.parametrize("by", ["header", "query"])
 @pytest.mark.parametrize("position", ["first", "middle", "last_token"])
-async def test_resume_yields_exactly_the_later_events(
-    client: TestClient[Any, Any], by: str, position: str
-) -> None:
+async def test_resume_yields_exactly_the_later_events(client: TestClient[Any, Any], by: str, position: str) -> None:
     created = await create_session(client)
     full = (await wait_terminal(client, created["id"])).events
     assert len(full) >= 3, "the demo answer is too short to resume in the middle"

@@ -170,9 +170,7 @@ async def test_post_on_one_read_on_other(cluster: Cluster, http: aiohttp.ClientS
     assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in on_b[len(on_b) // 2 + 1 :]]
 
 
-async def test_sigkill_producer_gives_readers_retryable_error(
-    cluster: Cluster, http: aiohttp.ClientSession
-) -> None:
+async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     a = await cluster.start(**SLOW_ENV)
     b = await cluster.start(**SLOW_ENV)
     created = await post_session(http, a)
@@ -319,4 +317,3 @@ async def test_300_streams_use_a_handful_of_redis_connections(
             assert resp.status == 200
     finally:
         cluster.stop_all()
-

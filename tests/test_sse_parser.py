@@ -10,7 +10,7 @@ STREAM = (
     "\ufeffretry: 1000\r\n"
     ": ping\r\n"
     "\r\n"
-    "id: 1-0\r\nevent: token\r\ndata: {\"text\": \"caf\u00e9 \u2028 \u0085 \x0b\x0c \U0001f600\"}\r\n\r\n"
+    'id: 1-0\r\nevent: token\r\ndata: {"text": "caf\u00e9 \u2028 \u0085 \x0b\x0c \U0001f600"}\r\n\r\n'
     "id: 1-1\revent: token\rdata:a\rdata: b\r\r"
     "id: 2-0\nevent: done\ndata\n\n"
     "data: no-type\n\n"
