@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -29,9 +30,7 @@ DEFAULT_TIMEOUT = 60
 # Fast demo answers: 40 tokens at 200/s take 0.2 s. The suite creates many sessions and streams from
 # 127.0.0.1, so the per-client limits are lifted unless a test is about them.
 FAST = {"demo_tokens_per_second": 200.0, "demo_answer_tokens": 40}
-UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000}
-# Tests end with answers still in flight; they are not about the graceful drain, so keep it short.
-QUICK_DRAIN = {"shutdown_grace_seconds": 1.0}
+UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000, "shutdown_grace_seconds": 1.0}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,9 +55,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throw-away redis-server process on a free loopback port, without persistence."""
+    """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.appendonly = appendonly
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,7 +75,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self._dir,
                 "--maxclients",
@@ -103,6 +105,15 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def restart(self) -> None:
+        """SHUTDOWN (which writes the append-only file, if any), then start again on the same port."""
+        assert self.proc is not None
+        # the server closes the connection as it exits
+        with redis.Redis(host="127.0.0.1", port=self.port) as client, contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)
+        self.proc.wait(timeout=10)
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -134,7 +145,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def make_settings(store: str, redis_url: str | None, **overrides: object) -> Settings:
-    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED, **QUICK_DRAIN)  # type: ignore[arg-type]
+    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED)  # type: ignore[arg-type]
     if store == "redis":
         base = dataclasses.replace(base, redis_url=redis_url)
     else:

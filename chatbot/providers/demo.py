@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 from collections.abc import AsyncIterator, Sequence
 
 from . import Finish, Message, Usage
 
 _OPENERS = (
-    "Here is how I would think about",
-    "A good way to look at",
-    "There are a few things to say about",
-    "Let me walk through",
+    "Here is how I would think about “{topic}”.",
+    "Good question about “{topic}”.",
+    "There are a few things worth saying about “{topic}”.",
+    "Let me walk through “{topic}” step by step.",
 )
-_PROSE = (
-    "the answer depends on what you need first and how much time you have to spend on it "
-    "a small working version usually teaches more than a long plan and it is easier to change "
-    "start with the part that users touch then measure it and keep what works "
-    "most projects fail on the boring details such as errors retries and limits rather than on ideas "
-    "write down the decision and the reason so that the next person can follow it "
-    "streaming keeps people engaged because they see progress while the rest is still being written"
+_SENTENCES = (
+    "The answer depends on what you need first and how much time you can spend on it.",
+    "A small working version usually teaches more than a long plan, and it is easier to change.",
+    "Start with the part that people touch, then measure it and keep what works.",
+    "Most projects stumble on the plain details, such as errors, retries and limits, rather than on ideas.",
+    "Write down each decision and the reason for it, so that the next person can follow along.",
+    "Streaming an answer keeps readers engaged, because they see progress while the rest is being written.",
+    "It helps to name the one number that tells you whether things got better.",
+    "When two options look equal, pick the one that is easier to undo.",
+    "Try the simplest approach on real data before reaching for a clever one.",
+    "Expect the first version to be wrong in a few places, and plan a second pass.",
+    "Ask someone who will use it to watch you try it; their questions show what is missing.",
+    "Keep the moving parts few, and make each of them easy to observe.",
+    "If something fails, it should fail loudly and say what to do next.",
+    "A short checklist beats a long document that nobody reads.",
+    "Small steps that each leave things working add up faster than one big leap.",
+    "Once it works, look at what it costs, and only then make it fast.",
 )
-_WORDS = tuple(_PROSE.split())
 
 
 def demo_answer(message: str, tokens: int) -> list[str]:
@@ -31,12 +41,10 @@ def demo_answer(message: str, tokens: int) -> list[str]:
     seed = int.from_bytes(hashlib.sha256(message.encode("utf-8", "surrogatepass")).digest()[:8], "big")
     rng = random.Random(seed)
     topic = " ".join(message.split()[:6]) or "this"
-    words = [rng.choice(_OPENERS), *f"“{topic}”.".split()]
+    words = rng.choice(_OPENERS).format(topic=topic).split()
+    sentences = itertools.cycle(rng.sample(_SENTENCES, len(_SENTENCES)))
     while len(words) < tokens:
-        sentence = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
-        sentence[0] = sentence[0].capitalize()
-        sentence[-1] += "."
-        words.extend(sentence)
+        words.extend(next(sentences).split())
     words = words[:tokens]
     return [words[0], *(" " + word for word in words[1:])]
 
