@@ -286,7 +286,7 @@ class Store:
         )
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
 
 
 def _exclusive(event_id: str) -> str:
