@@ -24,18 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .app import create_app
+
     try:
         settings = Settings.from_env()
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        settings = dataclasses.replace(settings, **overrides)
+        app = create_app(settings)
     except SettingsError as exc:
         print(f"chatbot: {exc}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = dataclasses.replace(settings, **overrides)
-
-    from .app import create_app
-
     log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
     web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
+        app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
     )
     return 0
