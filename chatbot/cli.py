@@ -35,7 +35,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatbot: {exc}", file=sys.stderr)
         return 2
     log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
-    web.run_app(
-        app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
-    )
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10)
     return 0

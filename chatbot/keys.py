@@ -37,6 +37,11 @@ def conversation(conversation_id: str) -> str:
     return f"{PREFIX}:conv:{{{conversation_id}}}"
 
 
+def history(conversation_id: str) -> str:
+    """List of a conversation's turns, oldest first; shares the conversation's hash tag."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:history"
+
+
 def session_id_from_channel(channel: str) -> str:
     """Inverse of notify_channel."""
     return channel[channel.index("{") + 1 : channel.index("}")]

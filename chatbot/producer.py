@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from . import events
+from . import events, history
 from .providers import Finish, Message, Provider, ProviderError
 from .store import Store
 
@@ -37,6 +37,7 @@ class _Writer:
         self._pending: list[str] = []
         self._inflight: asyncio.Task[None] | None = None
         self.entries = 0
+        self.stored: list[str] = []  # the text appended so far, for the conversation's history
 
     def add(self, text: str) -> None:
         if self._inflight is not None and self._inflight.done():
@@ -51,6 +52,7 @@ class _Writer:
             text = "".join(self._pending)
             self._pending.clear()
             await self._append(events.TOKEN, events.token_data(text))
+            self.stored.append(text)
 
     async def _append(self, event: str, data: str, terminal_status: str = "") -> None:
         for attempt in range(self.RETRIES):
@@ -106,9 +108,12 @@ class Producers:
     def active(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, session_id: str, messages: Sequence[Message]) -> None:
+    def spawn(self, session_id: str, messages: Sequence[Message], *, conversation_id: str | None = None) -> None:
+        """Start generating; with a conversation id, the turn joins that conversation's history when it ends."""
         cancel = self._cancels[session_id] = asyncio.Event()
-        task = asyncio.create_task(self._generate(session_id, messages, cancel), name=f"generate-{session_id}")
+        task = asyncio.create_task(
+            self._generate(session_id, messages, cancel, conversation_id), name=f"generate-{session_id}"
+        )
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._forget(session_id))
 
@@ -132,16 +137,24 @@ class Producers:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _generate(self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event) -> None:
+    async def _generate(
+        self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
+    ) -> None:
         writer = _Writer(self._store, session_id, cancel)
+        turn = (conversation_id, messages[-1].content)
         try:
             finish = await self._relay(messages, writer, cancel)
+            await writer.drain()
+            await self._remember(*turn, writer)
             await writer.finish(events.DONE, events.done_data(finish.finish_reason, _usage(finish)), _status(finish))
             log.info("session %s: %s after %d entries", session_id, finish.finish_reason, writer.entries)
         except _Ended:
             log.info("session %s: ended elsewhere; generation stopped", session_id)
         except ProviderError as exc:
             log.warning("session %s: provider error %s: %s", session_id, exc.code, exc.message)
+            with contextlib.suppress(_Ended, RedisError, OSError):
+                await asyncio.wait_for(writer.drain(), 2.0)
+            await self._remember(*turn, writer)
             await self._end_with_error(writer, exc.code, exc.message, retryable=exc.retryable)
         except asyncio.CancelledError:
             await self._end_with_error(
@@ -186,6 +199,16 @@ class Producers:
             return Finish("stop")
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _remember(self, conversation_id: str | None, message: str, writer: _Writer) -> None:
+        """Add the turn to the history before the terminal event, so a reader who saw it can go on at once."""
+        text = "".join(writer.stored)
+        if not text or conversation_id is None:
+            return  # an answer with no text teaches the next turn nothing, and some APIs reject it
+        try:
+            await self._store.append_turn(conversation_id, history.Turn(message, text))
+        except (RedisError, OSError) as exc:
+            log.warning("conversation %s: history not saved: %s", conversation_id, exc)
 
     async def _end_with_error(self, writer: _Writer, code: str, message: str, *, retryable: bool) -> None:
         with contextlib.suppress(_Ended, RedisError, OSError, asyncio.CancelledError):

@@ -7,10 +7,9 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from . import events, ids
+from . import events, history, ids
 from .appkeys import PRODUCERS, SETTINGS, STORE
 from .problems import Problem
-from .providers import Message
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -68,9 +67,12 @@ async def create(request: web.Request) -> web.Response:
     body = await _json_body(request)
     message = _message(body, request.app[SETTINGS].max_message_chars)
     conversation_id = await _conversation_id(request, body)
+    store = request.app[STORE]
+    turns = await store.history(conversation_id) if "conversation_id" in body else []
     session_id = ids.new_id()
-    await request.app[STORE].create_session(session_id, conversation_id, message)
-    request.app[PRODUCERS].spawn(session_id, [Message("user", message)])
+    await store.create_session(session_id, conversation_id, message)
+    messages = history.messages(request.app[SETTINGS].system_prompt, turns, message)
+    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id)
     events_url = f"/events/{session_id}"
     return web.json_response(
         {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},

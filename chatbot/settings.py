@@ -170,7 +170,11 @@ class Settings:
             ),
             system_prompt=_system_prompt(env),
             history_ttl_seconds=_parse(
-                env, "CHATBOT_HISTORY_TTL_SECONDS", d.history_ttl_seconds, _int_in(1, 365 * 86400), "seconds, 1-31536000"
+                env,
+                "CHATBOT_HISTORY_TTL_SECONDS",
+                d.history_ttl_seconds,
+                _int_in(1, 365 * 86400),
+                "seconds, 1-31536000",
             ),
             history_max_turns=_parse(
                 env, "CHATBOT_HISTORY_MAX_TURNS", d.history_max_turns, _int_in(0, 10_000), "an integer 0-10000"

@@ -70,20 +70,20 @@ class FakeUpstream:
             while reply.forever:
                 await response.write(reply.forever)
                 await asyncio.sleep(reply.pause)
+            if reply.then == "drop":
+                assert request.transport is not None
+                request.transport.abort()
+            elif reply.then == "stall":
+                await self._until_gone(request)
+            else:
+                await response.write_eof()
         except ConnectionError:
             self.disconnected.set()
-            return response
-        if reply.then == "drop":
-            assert request.transport is not None
-            request.transport.abort()
-        elif reply.then == "stall":
-            await self._until_gone(request)
-        else:
-            await response.write_eof()
         return response
 
     async def _until_gone(self, request: web.Request) -> None:
-        while request.transport is not None and not request.transport.is_closing():
+        """Sends nothing; notices the client leaving (aiohttp does not cancel handlers by default)."""
+        while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         self.disconnected.set()
 
@@ -127,7 +127,7 @@ def anthropic_events(
     def event(kind: str, body: dict[str, Any]) -> bytes:
         return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **body}).encode() + b"\n\n"
 
-    message = {
+    message: dict[str, Any] = {
         "id": "msg_1",
         "type": "message",
         "role": "assistant",

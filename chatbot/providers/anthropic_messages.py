@@ -10,10 +10,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx2
+from anthropic.types import MessageParam
 
 from . import Finish, FinishReason, Message, ProviderError, Usage, failures
 from .transport import AiohttpTransport, raw_body, relay_body
@@ -60,14 +61,16 @@ class AnthropicProvider:
 
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")
-        extra: dict[str, Any] = {"system": system} if system else {}
+        turns = [cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"]
         async with contextlib.AsyncExitStack() as stack:
             request = self._client.messages.with_streaming_response.create(
                 model=self._model,
                 max_tokens=self._max_tokens,
-                messages=[{"role": m.role, "content": m.content} for m in messages if m.role != "system"],
+                messages=[
+                    cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"
+                ],
                 stream=True,
-                **extra,
+                system=system or anthropic.omit,
             )
             try:
                 response = await stack.enter_async_context(request)

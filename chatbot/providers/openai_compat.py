@@ -10,13 +10,13 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from . import Finish, FinishReason, Message, ProviderError, Usage, failures
-from .sse_decoder import SSEDecoder
 from .transport import AiohttpTransport, raw_body, relay_body
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class OpenAIProvider:
         base_url: str | None = None,
     ) -> None:
         self._model = model
-        self._extra: dict[str, Any] = {} if max_output_tokens is None else {"max_tokens": max_output_tokens}
+        self._max_tokens = openai.omit if max_output_tokens is None else max_output_tokens
         self._transport = AiohttpTransport()
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
@@ -54,10 +54,10 @@ class OpenAIProvider:
         async with contextlib.AsyncExitStack() as stack:
             request = self._client.chat.completions.with_streaming_response.create(
                 model=self._model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[cast(ChatCompletionMessageParam, {"role": m.role, "content": m.content}) for m in messages],
                 stream=True,
                 stream_options={"include_usage": True},
-                **self._extra,
+                max_tokens=self._max_tokens,
             )
             try:
                 response = await stack.enter_async_context(request)
