@@ -66,9 +66,7 @@ class AnthropicProvider:
             request = self._client.messages.with_streaming_response.create(
                 model=self._model,
                 max_tokens=self._max_tokens,
-                messages=[
-                    cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"
-                ],
+                messages=turns,
                 stream=True,
                 system=system or anthropic.omit,
             )
