@@ -49,10 +49,12 @@ return {'ok', id, state[2] or ''}
 """
 
 # KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
-# Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back.
+# Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back,
+# 'gone' if the session itself vanished (expired, or Redis restarted without persistence).
 _FAIL_ORPHAN = """
 local status = redis.call('HGET', KEYS[2], 'status')
-if not status or status == 'done' or status == 'cancelled' or status == 'failed' then return false end
+if not status then return 'gone' end
+if status == 'done' or status == 'cancelled' or status == 'failed' then return false end
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', 'error', 'd', ARGV[1])
 redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
@@ -113,6 +115,15 @@ end
 redis.call('LTRIM', KEYS[1], -keep, -1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return keep
+"""
+
+# KEYS: counter.  ARGV: window ms.  A fixed window: returns {count so far, ms until it resets}.
+_RATE = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {count, ttl}
 """
 
 
@@ -185,6 +196,7 @@ class Store:
         self._history_ttl = settings.history_ttl_seconds
         self._history_turns = settings.history_max_turns
         self._history_chars = settings.history_max_chars
+        self._rate = redis.register_script(_RATE)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -208,6 +220,11 @@ class Store:
             pipe.hset(keys.conversation(conversation_id), "last_session", session_id)
             pipe.expire(keys.conversation(conversation_id), self._ttl)
             await pipe.execute()
+
+    async def count_hit(self, address: str, window_seconds: int) -> tuple[int, float]:
+        """Count one hit for `address` in the current window: (hits so far, seconds until it resets)."""
+        count, ttl_ms = await self._rate(keys=[keys.rate(address)], args=[window_seconds * 1000])
+        return int(count), int(ttl_ms) / 1000
 
     async def conversation_exists(self, conversation_id: str) -> bool:
         """True while its last session or its history lives (they share a hash tag, so one EXISTS)."""
@@ -285,7 +302,7 @@ class Store:
         return [sid for sid, alive in zip(session_ids, replies, strict=True) if not alive]
 
     async def fail_orphan(self, session_id: str, error_data: str) -> str | None:
-        """End a session whose producer died with a terminal error; the id, or None if not orphaned."""
+        """End a session whose producer died with a terminal error: its id, None, or 'gone'."""
         result: str | None = await self._fail_orphan(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
             args=[error_data, self._maxlen, self._ttl, keys.notify_channel(session_id)],
