@@ -147,7 +147,7 @@ async def _drain(stream: Any) -> int:
 
 
 CASES: list[tuple[str, str, Case]] = [
-    ("floor: upstream + bare socket read", "openai", floor),
+    ("floor: bare socket read (burst: + upstream)", "openai", floor),
     ("openai SDK, typed chunks (httpx2)", "openai", openai_sdk_typed),
     ("openai SDK, DefaultAioHttpClient, typed", "openai", openai_sdk_aiohttp_client),
     ("openai SDK raw response, iter_lines", "openai", openai_sdk_raw_lines),
