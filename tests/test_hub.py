@@ -1,0 +1,66 @@
+"""The hub's hand-over from backlog to live tail, in the exact interleaving that once lost events.
+
+Two readers join a session that has none yet. The later one catches up first, so the hub's cursor
+starts at its position; the earlier reader must not be handed events after a gap it never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+
+from chatbot import events
+from chatbot.hub import Hub
+from chatbot.metrics import Metrics
+from chatbot.settings import Settings
+from chatbot.store import Store, open_redis
+
+
+@pytest_asyncio.fixture
+async def parts(redis_url: str) -> AsyncIterator[tuple[Store, Hub]]:
+    settings = dataclasses.replace(Settings(), redis_url=redis_url)
+    store = Store(open_redis(settings), settings, owner="test")
+    hub = Hub(store, Metrics(), lease_ttl=settings.lease_ttl_seconds, on_cancel=lambda _: None)
+    await hub.start()
+    try:
+        yield store, hub
+    finally:
+        await hub.close()
+        await store.close()
+
+
+async def append(store: Store, sid: str, text: str) -> str:
+    result = await store.append(sid, events.TOKEN, events.token_data(text))
+    assert result.id is not None
+    return result.id
+
+
+async def test_reader_behind_the_hub_cursor_is_told_to_reread(parts: tuple[Store, Hub]) -> None:
+    store, hub = parts
+    sid = "A" * 22
+    await store.create_session(sid, "C" * 22, "hello")
+    early = [await append(store, sid, f"t{i}") for i in range(3)]
+    async with hub.subscribe(sid, (0, 0)) as first:
+        backlog_first = await store.read_from(sid, "-")
+        assert [e.id for e in backlog_first] == early
+        missed = [await append(store, sid, f"u{i}") for i in range(4)]  # after the first reader's backlog
+        async with hub.subscribe(sid, (0, 0)) as second:
+            backlog_second = await store.read_from(sid, "-")
+            second.last_id = events.parse_event_id(backlog_second[-1].id)
+            hub.caught_up(second, backlog_second[-1].id)  # the later reader catches up first
+            first.last_id = events.parse_event_id(early[-1])
+            hub.caught_up(first, early[-1])
+            live = [await append(store, sid, f"v{i}") for i in range(2)]
+            got_second = await asyncio.wait_for(hub.next_batch(second), 5)
+            while len(got_second) < len(live):
+                got_second += await asyncio.wait_for(hub.next_batch(second), 5)
+            assert [e.id for e, _ in got_second] == live
+            # The hub read the live events after the second reader's position, past events the first
+            # reader never received: it must be told to re-read, not be handed the live events.
+            got_first = await asyncio.wait_for(hub.next_batch(first), 5)
+            assert got_first == [], f"handed {[e.id for e, _ in got_first]} across a gap of {missed}"
+            reread = await store.read_from(sid, "(" + early[-1])
+            assert [e.id for e in reread] == missed + live
