@@ -298,6 +298,7 @@
   }
 
   let sending = false;
+  let stopping = false;
 
   function renderControls() {
     const busy = sending || inFlight() !== null;
@@ -480,13 +481,18 @@
 
   async function stop() {
     const msg = inFlight();
-    if (!msg) return;
-    stopButton.disabled = true;
+    if (!msg || stopping) return;
+    // aria-disabled, not disabled: a disabled button drops keyboard focus to <body>.
+    stopping = true;
+    stopButton.setAttribute("aria-disabled", "true");
     try {
       const response = await fetch(api(`${sessionPath(msg.sessionId)}/cancel`), { method: "POST" });
       if (!response.ok && response.status !== 409) announcer.textContent = await problemText(response);
     } catch {
       announcer.textContent = "Could not reach the service to stop the answer.";
+    } finally {
+      stopping = false;
+      stopButton.removeAttribute("aria-disabled");
     }
     // The stream ends with done{cancelled}; if it does not arrive, ask the service directly.
     clearTimeout(cancelTimer);

@@ -1,0 +1,128 @@
+"""The chat widget in Chromium against the real service: streaming, reload, dropped connections, stop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .conftest import (
+    RECORD_STATUSES_JS,
+    StartService,
+    ask,
+    normalized,
+    screenshot,
+    shown_text,
+    stored_message,
+    wait_status,
+)
+from .cutting_proxy import CuttingProxy
+
+TERMINAL = {"done", "cancelled", "error"}
+
+
+async def sample(page: Any, session_id: str, *, until: set[str], timeout: float = 15) -> list[tuple[str, str]]:
+    """Poll the answer's (data-status, shown text) until its status is one of `until`."""
+    message = page.locator(f'[data-testid="assistant-message"][data-session-id="{session_id}"]')
+    samples: list[tuple[str, str]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            status, text = await message.evaluate("(m) => [m.dataset.status, m.querySelector('.body').textContent]")
+            samples.append((status, normalized(text)))
+            if status in until:
+                return samples
+            await asyncio.sleep(0.03)
+
+
+async def test_answer_streams_visibly_before_it_is_done(start_service: StartService, page: Any) -> None:
+    service = await start_service()
+    await page.goto(service.url("/"))
+
+    session_id = await ask(page, "How should I start a small project")
+    samples = await sample(page, session_id, until=TERMINAL)
+
+    final = await service.session(session_id)
+    whole = normalized(final["text"])
+    assert final["status"] == "done"
+    assert samples[-1] == ("done", whole)
+    partial = [text for status, text in samples if status == "streaming" and 0 < len(text) < len(whole)]
+    assert len(partial) >= 3, f"no partial text seen while streaming: {samples}"
+    assert all(whole.startswith(text) for text in partial)
+    assert (await stored_message(page, session_id))["text"] == final["text"]
+    await screenshot(page, "streamed")
+
+
+async def test_reload_mid_answer_completes_the_same_answer_once(start_service: StartService, page: Any) -> None:
+    service = await start_service()
+    await page.goto(service.url("/"))
+    session_id = await ask(page, "Tell me about reloading pages")
+    before = await _wait_for_text(page, session_id, words=8)
+
+    event_urls: list[str] = []
+    page.on("request", lambda request: event_urls.append(request.url) if "/events/" in request.url else None)
+    await page.reload()
+    # Straight after the reload the partial answer is back from storage, not restarted.
+    assert (await shown_text(page, session_id)).startswith(before)
+    await wait_status(page, session_id, "done")
+
+    final = await service.session(session_id)
+    assert final["status"] == "done"
+    assert await page.locator(f'[data-session-id="{session_id}"]').count() == 1
+    assert (await stored_message(page, session_id))["text"] == final["text"]
+    assert await shown_text(page, session_id) == normalized(final["text"])
+    assert event_urls and all("last_event_id=" in url for url in event_urls), event_urls
+    await screenshot(page, "after-reload")
+
+
+async def test_cut_connections_resume_with_last_event_id(start_service: StartService, page: Any) -> None:
+    service = await start_service()
+    proxy = CuttingProxy(service.server.port or 0, cut_after=0.3)
+    await proxy.start()
+    try:
+        await page.goto(f"http://127.0.0.1:{proxy.port}/")
+        await page.evaluate(RECORD_STATUSES_JS)
+        session_id = await ask(page, "What happens when the network drops")
+        await wait_status(page, session_id, "done", timeout=30_000)
+
+        final = await service.session(session_id)
+        assert final["status"] == "done"
+        assert proxy.cuts >= 3, proxy.cuts
+        assert len(proxy.resumed_requests) >= 3, proxy.events_requests
+        statuses = [s["status"] for s in await page.evaluate("window.__statuses") if s["id"] == session_id]
+        assert "reconnecting" in statuses, statuses
+        assert (await stored_message(page, session_id))["text"] == final["text"]
+        assert await shown_text(page, session_id) == normalized(final["text"])
+    finally:
+        await proxy.close()
+
+
+async def test_stop_after_reload_cancels_the_answer(start_service: StartService, page: Any) -> None:
+    service = await start_service(demo_tokens_per_second=15.0)
+    await page.goto(service.url("/"))
+    session_id = await ask(page, "Write a very long essay")
+    await _wait_for_text(page, session_id, words=3)
+    await page.reload()
+    await _wait_for_text(page, session_id, words=6)
+
+    await page.get_by_test_id("chat-stop").click()
+    await wait_status(page, session_id, "cancelled")
+
+    final = await service.session(session_id)
+    assert final["status"] == "cancelled"
+    stored = await stored_message(page, session_id)
+    assert stored["status"] == "cancelled"
+    assert stored["text"] == final["text"]
+    assert len(final["text"].split()) < 60  # it really stopped early
+    # Keyboard users are not stranded on the vanished Stop button.
+    assert await page.get_by_test_id("chat-input").evaluate("(el) => el.getRootNode().activeElement === el")
+    assert await page.get_by_test_id("chat-send").is_visible()
+    await screenshot(page, "cancelled")
+
+
+async def _wait_for_text(page: Any, session_id: str, *, words: int, timeout: float = 10) -> str:
+    """Wait until the streaming answer shows at least `words` words; return what it shows."""
+    async with asyncio.timeout(timeout):
+        while True:
+            text = await shown_text(page, session_id)
+            if len(text.split()) >= words:
+                return text
+            await asyncio.sleep(0.03)
