@@ -1,0 +1,73 @@
+"""The app factory: routes, middleware, and the resources the app owns."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import health, problems, sessions, sse
+from .appkeys import HUB, PRODUCERS, SETTINGS, STORE
+from .hub import Hub
+from .producer import Producers
+from .providers import Provider
+from .providers.demo import DemoProvider
+from .settings import Settings
+from .store import Store, open_redis
+
+log = logging.getLogger(__name__)
+
+
+def make_provider(settings: Settings) -> Provider:
+    return DemoProvider(tokens_per_second=settings.demo_tokens_per_second, answer_tokens=settings.demo_answer_tokens)
+
+
+def create_app(settings: Settings, *, provider: Provider | None = None) -> web.Application:
+    """Build the service; `provider` overrides the one named in settings."""
+    app = web.Application(middlewares=[problems.middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources(provider or make_provider(settings)))
+    app.on_shutdown.append(_end_streams)
+    app.router.add_post("/sessions", sessions.create)
+    app.router.add_get("/sessions/{session_id}", sessions.read)
+    app.router.add_post("/sessions/{session_id}/cancel", sessions.cancel)
+    app.router.add_get("/events/{session_id}", sse.stream)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/openapi.yaml", health.openapi)
+    return app
+
+
+def _resources(provider: Provider):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        if settings.embedded_store:
+            log.warning("CHATBOT_REDIS_URL is not set: using the embedded in-process store (one instance only)")
+        else:
+            log.info("using Redis at %s", settings.redis_url)
+        store = Store(open_redis(settings), settings, owner=owner)
+        producers = Producers(
+            store, provider, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
+        )
+        hub = Hub(store, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
+        app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
+        await producers.start()
+        await hub.start()
+        try:
+            yield
+        finally:
+            await producers.close()
+            await hub.close()
+            await provider.aclose()
+            await store.close()
+
+    return context
+
+
+async def _end_streams(app: web.Application) -> None:
+    app[HUB].end_streams()

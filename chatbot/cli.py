@@ -1,0 +1,41 @@
+"""The `chatbot` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("chatbot")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatbot", description="Resumable streaming chat service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server (settings from CHATBOT_* variables)")
+    serve.add_argument("--host", help="overrides CHATBOT_HOST")
+    serve.add_argument("--port", type=int, help="overrides CHATBOT_PORT")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"chatbot: {exc}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = dataclasses.replace(settings, **overrides)
+
+    from .app import create_app
+
+    log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
+    )
+    return 0

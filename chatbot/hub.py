@@ -1,0 +1,319 @@
+"""The per-process reader: one pub/sub connection and batched reads serve every open event stream.
+
+Pub/sub is only a wake-up hint. The data always comes from the stream itself,
+and every (re)subscribe is followed by a re-read, so a lost notice delays
+nothing for longer than a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import events, keys
+from .events import Event
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class StreamClosed(Exception):
+    """The hub is shutting down; the reader should end its response so the client reconnects."""
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One open event stream's queue of (event, frame) pairs."""
+
+    session_id: str
+    last_id: tuple[int, int]
+    pending: deque[tuple[Event, bytes]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+    closed: bool = False
+
+    def offer(self, event: Event, framed: bytes, limit: int) -> None:
+        if len(self.pending) >= limit:
+            # A slow reader re-reads from Redis instead of growing memory without bound.
+            self.overflowed = True
+            self.pending.clear()
+        elif not self.overflowed:
+            self.pending.append((event, framed))
+        self.wake.set()
+
+
+@dataclass(eq=False)
+class _Topic:
+    """What this process knows about one session that has readers here."""
+
+    session_id: str
+    subscribers: set[Subscriber] = field(default_factory=set)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    cursor: str | None = None
+    ended: bool = False
+    last_change: float = field(default_factory=time.monotonic)
+
+
+class Hub:
+    """Owns the pub/sub connection, the fetch loop and the producer-liveness sweep."""
+
+    FETCH_COUNT = 512
+    QUEUE_LIMIT = 4096
+    RECONNECT_DELAY_MAX = 2.0
+
+    def __init__(self, store: Store, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
+        self._store = store
+        self._redis: aioredis.Redis = store.redis
+        self._lease_ttl = lease_ttl
+        self._on_cancel = on_cancel
+        self._topics: dict[str, _Topic] = {}
+        self._dirty: set[str] = set()
+        self._fetch_wake = asyncio.Event()
+        self._pubsub: Any = None
+        self._pubsub_ready = asyncio.Event()
+        self._pubsub_lock = asyncio.Lock()
+        self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
+        self._acked: set[str] = set()  # SUBSCRIBE acknowledged on the current connection
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="hub-listen"),
+            asyncio.create_task(self._fetch_loop(), name="hub-fetch"),
+            asyncio.create_task(self._sweep(), name="hub-sweep"),
+        ]
+
+    def end_streams(self) -> None:
+        """Ask every open stream to end now (shutdown): clients reconnect to another instance."""
+        self._closing = True
+        for topic in self._topics.values():
+            for sub in topic.subscribers:
+                sub.closed = True
+                sub.wake.set()
+
+    async def close(self) -> None:
+        self.end_streams()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(t.subscribers) for t in self._topics.values())
+
+    # -- readers -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, session_id: str, after: tuple[int, int]) -> AsyncIterator[Subscriber]:
+        """Register a reader before it reads its backlog, so nothing lands between the two."""
+        if self._closing:
+            raise StreamClosed
+        topic = self._topics.get(session_id)
+        if topic is None:
+            topic = self._topics[session_id] = _Topic(session_id)
+            if session_id in self._acked:
+                topic.ready.set()
+        sub = Subscriber(session_id, after)
+        topic.subscribers.add(sub)
+        try:
+            await self._sync_subscription(session_id)
+            await asyncio.wait_for(topic.ready.wait(), timeout=self._lease_ttl * 2)
+            yield sub
+        finally:
+            topic.subscribers.discard(sub)
+            if not topic.subscribers and self._topics.get(session_id) is topic:
+                del self._topics[session_id]
+                self._dirty.discard(session_id)
+                await self._sync_subscription(session_id)
+
+    def caught_up(self, sub: Subscriber, cursor: str) -> None:
+        """A reader has read the stream up to `cursor`; live events after it come from the hub."""
+        topic = self._topics.get(sub.session_id)
+        if topic is not None and topic.cursor is None:
+            topic.cursor = cursor
+            self._mark_dirty(topic.session_id)
+
+    async def next_batch(self, sub: Subscriber) -> list[tuple[Event, bytes]]:
+        """Wait for this reader's next events (in order, none it has seen); [] when it must re-read."""
+        while True:
+            if sub.closed:
+                raise StreamClosed
+            if sub.overflowed:
+                sub.overflowed = False
+                return []
+            if sub.pending:
+                batch = [item for item in sub.pending if events.parse_event_id(item[0].id) > sub.last_id]
+                sub.pending.clear()
+                if batch:
+                    sub.last_id = events.parse_event_id(batch[-1][0].id)
+                    return batch
+            sub.wake.clear()
+            await sub.wake.wait()
+
+    # -- pub/sub -------------------------------------------------------------------------------
+
+    async def _sync_subscription(self, session_id: str) -> None:
+        """Make the pub/sub subscription match whether the session has readers here.
+
+        Deciding under the lock from current state means a quick close-and-reopen
+        can never leave a topic with readers unsubscribed.
+        """
+        async with self._pubsub_lock:
+            if not self._pubsub_ready.is_set():
+                return  # the listener subscribes every topic when it (re)connects
+            wanted = session_id in self._topics
+            channel = keys.notify_channel(session_id)
+            try:
+                if wanted and session_id not in self._subscribed:
+                    await self._pubsub.subscribe(channel)
+                    self._subscribed.add(session_id)
+                elif not wanted and session_id in self._subscribed:
+                    await self._pubsub.unsubscribe(channel)
+                    self._subscribed.discard(session_id)
+            except (RedisError, OSError) as exc:
+                log.warning("pub/sub change for %s failed (%s); the listener will resubscribe", session_id, exc)
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._connect_pubsub()
+                delay = 0.05
+                while True:
+                    message = await self._pubsub.get_message(timeout=None)
+                    if message is not None:
+                        self._on_message(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
+            self._pubsub_ready.clear()
+            self._subscribed.clear()
+            self._acked.clear()
+            for topic in self._topics.values():
+                topic.ready.clear()
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.aclose()
+                self._pubsub = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.RECONNECT_DELAY_MAX)
+
+    async def _connect_pubsub(self) -> None:
+        async with self._pubsub_lock:
+            self._pubsub = self._redis.pubsub()
+            await self._pubsub.subscribe(keys.CANCEL_CHANNEL)
+            sids = list(self._topics)
+            if sids:
+                await self._pubsub.subscribe(*(keys.notify_channel(sid) for sid in sids))
+            self._subscribed = set(sids)
+            self._pubsub_ready.set()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"]
+        if channel == keys.CANCEL_CHANNEL:
+            if kind == "message":
+                self._on_cancel(message["data"])
+            return
+        session_id = keys.session_id_from_channel(channel)
+        if kind == "unsubscribe":
+            self._acked.discard(session_id)
+        elif kind == "subscribe":
+            self._acked.add(session_id)
+        topic = self._topics.get(session_id)
+        if topic is None:
+            return
+        if kind == "subscribe":
+            topic.ready.set()
+            if topic.cursor is not None:
+                self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
+        elif kind == "message":
+            self._mark_dirty(topic.session_id)
+
+    # -- fetching --------------------------------------------------------------------------------
+
+    def _mark_dirty(self, session_id: str) -> None:
+        self._dirty.add(session_id)
+        self._fetch_wake.set()
+
+    async def _fetch_loop(self) -> None:
+        while True:
+            await self._fetch_wake.wait()
+            self._fetch_wake.clear()
+            cursors = {
+                sid: topic.cursor
+                for sid in self._dirty
+                if (topic := self._topics.get(sid)) is not None and topic.cursor is not None and not topic.ended
+            }
+            self._dirty.clear()
+            if not cursors:
+                continue
+            try:
+                fetched = await self._store.read_after_many(cursors, count=self.FETCH_COUNT)
+            except (RedisError, OSError) as exc:
+                log.warning("stream read failed (%s); retrying", exc)
+                for sid in cursors:
+                    self._dirty.add(sid)
+                await asyncio.sleep(0.2)
+                self._fetch_wake.set()
+                continue
+            for sid, batch in fetched.items():
+                self._deliver(sid, cursors[sid], batch)
+
+    def _deliver(self, session_id: str, read_from: str, batch: list[Event]) -> None:
+        topic = self._topics.get(session_id)
+        if topic is None or topic.cursor != read_from or not batch:
+            return
+        topic.cursor = batch[-1].id
+        topic.last_change = time.monotonic()
+        for event in batch:
+            framed = events.frame(event)
+            for sub in topic.subscribers:
+                sub.offer(event, framed, self.QUEUE_LIMIT)
+            if event.terminal:
+                topic.ended = True
+                break
+        if len(batch) == self.FETCH_COUNT and not topic.ended:
+            self._mark_dirty(session_id)
+
+    # -- producer liveness -------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """End streams whose producer's lease lapsed: every reader, here and elsewhere, sees the error."""
+        interval = max(0.1, self._lease_ttl / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            quiet = [
+                sid
+                for sid, topic in self._topics.items()
+                if not topic.ended and topic.cursor is not None and now - topic.last_change > interval
+            ]
+            if not quiet:
+                continue
+            try:
+                for sid in await self._store.missing_leases(quiet):
+                    data = events.error_data(
+                        "producer_lost", "The server generating this answer stopped.", retryable=True
+                    )
+                    if await self._store.fail_orphan(sid, data) is not None:
+                        log.warning("session %s: producer lost; ended with a retryable error", sid)
+            except (RedisError, OSError) as exc:
+                log.warning("lease sweep failed: %s", exc)

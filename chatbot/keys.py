@@ -1,0 +1,42 @@
+"""Every Redis key and channel name the service uses, in one place.
+
+Each session's keys share the hash tag `{<session id>}` so that one Lua script
+can touch all of them on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "chatbot"
+
+# Control channel: cancel requests, broadcast to every instance.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
+def stream(session_id: str) -> str:
+    """The session's event stream: one entry per event."""
+    return f"{PREFIX}:{{{session_id}}}:events"
+
+
+def meta(session_id: str) -> str:
+    """Hash: conversation_id, message, status, cancel flag, terminal id."""
+    return f"{PREFIX}:{{{session_id}}}:meta"
+
+
+def lease(session_id: str) -> str:
+    """Short-lived key held by the task generating the answer; gone means the producer died."""
+    return f"{PREFIX}:{{{session_id}}}:lease"
+
+
+def notify_channel(session_id: str) -> str:
+    """Pub/sub wake-up hint that the session's stream grew. Never the data itself."""
+    return f"{PREFIX}:{{{session_id}}}:grew"
+
+
+def conversation(conversation_id: str) -> str:
+    """Hash of a conversation's bookkeeping (its history lives beside it)."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}"
+
+
+def session_id_from_channel(channel: str) -> str:
+    """Inverse of notify_channel."""
+    return channel[channel.index("{") + 1 : channel.index("}")]

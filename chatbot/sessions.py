@@ -1,0 +1,111 @@
+"""HTTP handlers for sessions: create, read, cancel. Thin: parse, call the domain, respond."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from . import events, ids
+from .appkeys import PRODUCERS, SETTINGS, STORE
+from .problems import Problem
+from .providers import Message
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise Problem(415, "unsupported-media-type", "Unsupported Media Type", "Send the body as application/json.")
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise Problem(413, "body-too-large", "Content Too Large", f"The body must be at most {limit} bytes.")
+    raw = await request.read()  # aiohttp enforces client_max_size for bodies without a length
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise Problem(400, "invalid-encoding", "Bad Request", "The body is not valid UTF-8.") from None
+    except (ValueError, RecursionError):
+        raise Problem(400, "invalid-json", "Bad Request", "The body is not valid JSON.") from None
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem(422, "invalid-field", "Unprocessable Content", detail)
+
+
+def _message(body: Any, max_chars: int) -> str:
+    if not isinstance(body, dict):
+        raise _invalid("The body must be a JSON object.")
+    message = body.get("message")
+    if not isinstance(message, str):
+        raise _invalid("`message` is required and must be a string.")
+    if not message.strip():
+        raise _invalid("`message` must not be empty or blank.")
+    if len(message) > max_chars:
+        raise _invalid(f"`message` must be at most {max_chars} characters.")
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("`message` contains an unpaired surrogate.") from None
+    return message
+
+
+async def _conversation_id(request: web.Request, body: dict[str, Any]) -> str:
+    cid = body.get("conversation_id")
+    if cid is None:
+        return ids.new_id()
+    if not isinstance(cid, str) or not ids.valid(cid):
+        raise _invalid("`conversation_id` must be the conversation_id of an earlier answer.")
+    if not await request.app[STORE].conversation_exists(cid):
+        raise Problem(404, "unknown-conversation", "Not Found", "That conversation does not exist or has expired.")
+    return cid
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    message = _message(body, request.app[SETTINGS].max_message_chars)
+    conversation_id = await _conversation_id(request, body)
+    session_id = ids.new_id()
+    await request.app[STORE].create_session(session_id, conversation_id, message)
+    request.app[PRODUCERS].spawn(session_id, [Message("user", message)])
+    events_url = f"/events/{session_id}"
+    return web.json_response(
+        {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},
+        status=201,
+        headers={"Location": f"/sessions/{session_id}"},
+    )
+
+
+def session_id(request: web.Request) -> str:
+    """The path's session id; a malformed one can only be unknown."""
+    sid = request.match_info["session_id"]
+    if not ids.valid(sid):
+        raise not_found()
+    return sid
+
+
+def not_found() -> Problem:
+    return Problem(404, "unknown-session", "Not Found", "No such session, or it has expired.")
+
+
+async def read(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    store = request.app[STORE]
+    meta = await store.session(sid)
+    if meta is None:
+        raise not_found()
+    text = await store.text(sid)
+    return web.json_response({"id": sid, "conversation_id": meta.conversation_id, "status": meta.status, "text": text})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    outcome = await request.app[STORE].request_cancel(sid, events.done_data("cancelled"))
+    if outcome == "unknown":
+        raise not_found()
+    if outcome == "requested":
+        request.app[PRODUCERS].cancel(sid)  # spares the pub/sub hop when this instance generates it
+    return web.json_response({"id": sid, "cancel": outcome}, status=202)

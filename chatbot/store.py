@@ -1,0 +1,279 @@
+"""The event-stream store: the only module that issues Redis commands.
+
+Every state change of a session is one Lua script over keys that share the
+session's hash tag, so it is atomic and runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fakeredis
+import redis.asyncio as aioredis
+from fakeredis.aioredis import FakeConnection
+
+from . import events, keys
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("queued", "streaming", "done", "cancelled", "failed")
+TERMINAL_STATUSES = frozenset({"done", "cancelled", "failed"})
+
+# Seconds a request waits for a free pooled connection before the store counts as unavailable.
+POOL_WAIT_SECONDS = 5.0
+
+# KEYS: stream, meta, lease.  ARGV: event, data, maxlen, terminal status or "", ttl, channel.
+# Appends unless the session is gone or already ended; returns {"ok", id, cancel flag}.
+_APPEND = """
+local state = redis.call('HMGET', KEYS[2], 'status', 'cancel')
+local status = state[1]
+if not status then return {'gone'} end
+if status == 'done' or status == 'cancelled' or status == 'failed' then return {'ended'} end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[2], 'status', ARGV[4], 'terminal_id', id)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('DEL', KEYS[3])
+elseif status == 'queued' then
+  redis.call('HSET', KEYS[2], 'status', 'streaming')
+end
+redis.call('PUBLISH', ARGV[6], id)
+return {'ok', id, state[2] or ''}
+"""
+
+# KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
+# Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back.
+_FAIL_ORPHAN = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status or status == 'done' or status == 'cancelled' or status == 'failed' then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', 'error', 'd', ARGV[1])
+redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], id)
+return id
+"""
+
+# KEYS: stream, meta, lease.  ARGV: done data, maxlen, ttl, channel, cancel channel, session id.
+# Flags the cancel for whichever instance generates; if none holds the lease, ends it here.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return 'unknown' end
+if status == 'done' or status == 'cancelled' or status == 'failed' then return 'ended' end
+redis.call('HSET', KEYS[2], 'cancel', '1')
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', 'done', 'd', ARGV[1])
+  redis.call('HSET', KEYS[2], 'status', 'cancelled', 'terminal_id', id)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], id)
+  return 'cancelled'
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 'requested'
+"""
+
+# KEYS: stream, meta, lease.  ARGV: owner, lease ms, ttl.
+# Keeps a live producer's lease and keys alive; returns the cancel flag, or false if it ended.
+_RENEW = """
+local state = redis.call('HMGET', KEYS[2], 'status', 'cancel')
+local status = state[1]
+if not status or status == 'done' or status == 'cancelled' or status == 'failed' then return false end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return state[2] or ''
+"""
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    id: str
+    conversation_id: str
+    message: str
+    status: str
+    terminal_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What the store said to an append: the new id, or that the session ended or vanished."""
+
+    id: str | None
+    ended: bool
+    cancel_requested: bool
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    """One bounded, blocking pool for the whole process; embedded fakeredis without a URL."""
+    pool: aioredis.BlockingConnectionPool
+    if settings.redis_url is None:
+        pool = aioredis.BlockingConnectionPool(
+            connection_class=FakeConnection,  # type: ignore[arg-type]
+            server=fakeredis.FakeServer(),
+            max_connections=settings.redis_pool_size,
+            timeout=POOL_WAIT_SECONDS,
+            decode_responses=True,
+        )
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_pool_size,
+            timeout=POOL_WAIT_SECONDS,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _entry(raw: tuple[str, Mapping[str, str]]) -> events.Event:
+    entry_id, fields = raw
+    return events.Event(entry_id, fields["e"], fields["d"])
+
+
+class Store:
+    """Sessions, their event streams, leases and cancel flags in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings, *, owner: str) -> None:
+        self.redis = redis
+        self._ttl = settings.session_ttl_seconds
+        self._lease_ms = max(1, int(settings.lease_ttl_seconds * 1000))
+        # The producer ends an answer before this many events; MAXLEN only guards against a runaway.
+        self._maxlen = settings.max_answer_events + 16
+        self._owner = owner
+        self._append = redis.register_script(_APPEND)
+        self._fail_orphan = redis.register_script(_FAIL_ORPHAN)
+        self._cancel = redis.register_script(_CANCEL)
+        self._renew = redis.register_script(_RENEW)
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def create_session(self, session_id: str, conversation_id: str, message: str) -> None:
+        """Store a new queued session, its conversation and its producer's first lease."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.hset(
+                keys.meta(session_id),
+                mapping={
+                    "conversation_id": conversation_id,
+                    "message": message,
+                    "status": "queued",
+                    "created": f"{time.time():.3f}",
+                },
+            )
+            tx.expire(keys.meta(session_id), self._ttl)
+            tx.set(keys.lease(session_id), self._owner, px=self._lease_ms)
+            await tx.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.conversation(conversation_id), "last_session", session_id)
+            pipe.expire(keys.conversation(conversation_id), self._ttl)
+            await pipe.execute()
+
+    async def conversation_exists(self, conversation_id: str) -> bool:
+        return bool(await self.redis.exists(keys.conversation(conversation_id)))
+
+    async def session(self, session_id: str) -> SessionMeta | None:
+        raw: dict[str, str] = await self.redis.hgetall(keys.meta(session_id))  # type: ignore[assignment]
+        if "status" not in raw:
+            return None
+        return SessionMeta(
+            id=session_id,
+            conversation_id=raw.get("conversation_id", ""),
+            message=raw.get("message", ""),
+            status=raw["status"],
+            terminal_id=raw.get("terminal_id"),
+        )
+
+    async def append(self, session_id: str, event: str, data: str, *, terminal_status: str = "") -> AppendResult:
+        """Append one event; a terminal status also ends the session and starts its expiry."""
+        reply: list[str] = await self._append(
+            keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
+            args=[event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id)],
+        )
+        if reply[0] != "ok":
+            return AppendResult(id=None, ended=True, cancel_requested=False)
+        return AppendResult(id=reply[1], ended=False, cancel_requested=reply[2] == "1")
+
+    async def request_cancel(self, session_id: str, done_data: str) -> str:
+        """'unknown', 'ended', 'requested' (a live producer will stop) or 'cancelled' (ended here)."""
+        result: str = await self._cancel(
+            keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
+            args=[done_data, self._maxlen, self._ttl, keys.notify_channel(session_id), keys.CANCEL_CHANNEL, session_id],
+        )
+        return result
+
+    async def renew_leases(self, session_ids: Sequence[str]) -> dict[str, str | None]:
+        """Renew the leases of this process's producers: id → cancel flag, or None if it ended."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                await self._renew(
+                    keys=[keys.stream(sid), keys.meta(sid), keys.lease(sid)],
+                    args=[self._owner, self._lease_ms, self._ttl],
+                    client=pipe,
+                )
+            replies: list[Any] = await pipe.execute()
+        return {
+            sid: (reply if isinstance(reply, str) else None) for sid, reply in zip(session_ids, replies, strict=True)
+        }
+
+    async def missing_leases(self, session_ids: Sequence[str]) -> list[str]:
+        """The sessions among these whose producer no longer holds a lease."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.exists(keys.lease(sid))
+            replies: list[int] = await pipe.execute()
+        return [sid for sid, alive in zip(session_ids, replies, strict=True) if not alive]
+
+    async def fail_orphan(self, session_id: str, error_data: str) -> str | None:
+        """End a session whose producer died with a terminal error; the id, or None if not orphaned."""
+        result: str | None = await self._fail_orphan(
+            keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
+            args=[error_data, self._maxlen, self._ttl, keys.notify_channel(session_id)],
+        )
+        return result
+
+    async def read_from(self, session_id: str, start: str, *, count: int | None = None) -> list[events.Event]:
+        """Events with id >= start (`-` for all); inclusive, so a resume can prove its id exists."""
+        raw: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+            keys.stream(session_id), min=start, max="+", count=count
+        )
+        return [_entry(item) for item in raw]
+
+    async def read_after_many(self, cursors: Mapping[str, str], *, count: int) -> dict[str, list[events.Event]]:
+        """For each session, up to `count` events after its cursor, in one round trip."""
+        sids = list(cursors)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.xrange(keys.stream(sid), min=_exclusive(cursors[sid]), max="+", count=count)
+            replies: list[Any] = await pipe.execute()
+        return {sid: [_entry(item) for item in raw] for sid, raw in zip(sids, replies, strict=True)}
+
+    async def text(self, session_id: str) -> str:
+        """The answer so far: every token event's text, in order."""
+        return "".join(
+            event.payload()["text"] for event in await self.read_from(session_id, "-") if event.event == events.TOKEN
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _exclusive(event_id: str) -> str:
+    return "(" + event_id
+
+
+def channels(session_ids: Iterable[str]) -> list[str]:
+    return [keys.notify_channel(sid) for sid in session_ids]

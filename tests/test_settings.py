@@ -1,0 +1,70 @@
+"""Settings are read once from the environment; a bad value fails at start naming its variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from chatbot.settings import Settings, SettingsError
+
+
+def test_defaults_from_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert (settings.host, settings.port, settings.provider) == ("127.0.0.1", 8080, "demo")
+    assert settings.redis_url is None and settings.embedded_store
+    assert (settings.demo_tokens_per_second, settings.demo_answer_tokens) == (20.0, 120)
+    assert settings.session_ttl_seconds == 3600
+
+
+def test_values_from_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "CHATBOT_HOST": "0.0.0.0",
+            "CHATBOT_PORT": "9000",
+            "CHATBOT_REDIS_URL": "redis://localhost:6380/2",
+            "CHATBOT_DEMO_TOKENS_PER_SECOND": "50.5",
+            "CHATBOT_SESSION_TTL_SECONDS": "60",
+            "CHATBOT_CORS_ORIGINS": "https://a.example, https://b.example/",
+        }
+    )
+    assert settings.host == "0.0.0.0" and settings.port == 9000
+    assert settings.redis_url == "redis://localhost:6380/2" and not settings.embedded_store
+    assert settings.demo_tokens_per_second == 50.5 and settings.session_ttl_seconds == 60
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+
+
+def test_empty_redis_url_means_embedded() -> None:
+    assert Settings.from_env({"CHATBOT_REDIS_URL": ""}).embedded_store
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CHATBOT_PORT", "eighty"),
+        ("CHATBOT_PORT", "70000"),
+        ("CHATBOT_REDIS_URL", "localhost:6379"),
+        ("CHATBOT_PROVIDER", "gpt"),
+        ("CHATBOT_DEMO_TOKENS_PER_SECOND", "0"),
+        ("CHATBOT_DEMO_TOKENS_PER_SECOND", "nan"),
+        ("CHATBOT_DEMO_ANSWER_TOKENS", "-3"),
+        ("CHATBOT_SESSION_TTL_SECONDS", "1.5"),
+        ("CHATBOT_CORS_ORIGINS", "example.com"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_serve_refuses_to_start_on_a_bad_value() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatbot", "serve"],
+        env={"CHATBOT_PORT": "eighty", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "CHATBOT_PORT" in result.stderr and "'eighty'" in result.stderr
