@@ -83,7 +83,7 @@ def _file_handler(path: Path) -> Handler:
 
 
 def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
-    options = aiohttp_cors.ResourceOptions(
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
         allow_headers=CORS_ALLOW_HEADERS,
         expose_headers=CORS_EXPOSE_HEADERS,

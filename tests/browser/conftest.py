@@ -171,11 +171,11 @@ async def ask(page: Any, question: str) -> str:
     return session_id
 
 
-async def wait_status(page: Any, session_id: str, *statuses: str, timeout: float = 15_000) -> None:
+async def wait_status(page: Any, session_id: str, *statuses: str, within_ms: float = 15_000) -> None:
     selector = ", ".join(
         f'[data-testid="assistant-message"][data-session-id="{session_id}"][data-status="{s}"]' for s in statuses
     )
-    await page.locator(selector).wait_for(timeout=timeout)
+    await page.locator(selector).wait_for(timeout=within_ms)
 
 
 def normalized(text: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from .conftest import (
     RECORD_STATUSES_JS,
     StartService,
@@ -17,14 +19,17 @@ from .conftest import (
 )
 from .cutting_proxy import CuttingProxy
 
+# TODO(web): drop once main's embedded store stops using fakeredis's deprecated FakeConnection.
+pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:DeprecationWarning")
+
 TERMINAL = {"done", "cancelled", "error"}
 
 
-async def sample(page: Any, session_id: str, *, until: set[str], timeout: float = 15) -> list[tuple[str, str]]:
+async def sample(page: Any, session_id: str, *, until: set[str], within: float = 15) -> list[tuple[str, str]]:
     """Poll the answer's (data-status, shown text) until its status is one of `until`."""
     message = page.locator(f'[data-testid="assistant-message"][data-session-id="{session_id}"]')
     samples: list[tuple[str, str]] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             status, text = await message.evaluate("(m) => [m.dataset.status, m.querySelector('.body').textContent]")
             samples.append((status, normalized(text)))
@@ -81,7 +86,7 @@ async def test_cut_connections_resume_with_last_event_id(start_service: StartSer
         await page.goto(f"http://127.0.0.1:{proxy.port}/")
         await page.evaluate(RECORD_STATUSES_JS)
         session_id = await ask(page, "What happens when the network drops")
-        await wait_status(page, session_id, "done", timeout=30_000)
+        await wait_status(page, session_id, "done", within_ms=30_000)
 
         final = await service.session(session_id)
         assert final["status"] == "done"
@@ -118,9 +123,9 @@ async def test_stop_after_reload_cancels_the_answer(start_service: StartService,
     await screenshot(page, "cancelled")
 
 
-async def _wait_for_text(page: Any, session_id: str, *, words: int, timeout: float = 10) -> str:
+async def _wait_for_text(page: Any, session_id: str, *, words: int, within: float = 10) -> str:
     """Wait until the streaming answer shows at least `words` words; return what it shows."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             text = await shown_text(page, session_id)
             if len(text.split()) >= words:
