@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -104,18 +103,20 @@ async def page(browser: Any) -> AsyncIterator[Any]:
 
 
 class ScriptedProvider:
-    """A model that answers every message with the same text, in the given pieces, at a pace."""
+    """A model with canned answers, keyed by the question, streamed in small pieces at a pace."""
 
     name = "scripted"
 
-    def __init__(self, pieces: Sequence[str], *, delay: float = 0.02) -> None:
-        self.pieces = list(pieces)
+    def __init__(self, answers: dict[str, str], *, piece_chars: int = 7, delay: float = 0.01) -> None:
+        self.answers = answers
+        self.piece_chars = piece_chars
         self.delay = delay
 
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
-        for piece in self.pieces:
+        answer = self.answers[messages[-1].content]
+        for start in range(0, len(answer), self.piece_chars):
             await asyncio.sleep(self.delay)
-            yield piece
+            yield answer[start : start + self.piece_chars]
         yield Finish("stop")
 
     async def aclose(self) -> None:
@@ -200,18 +201,49 @@ async def screenshot(page: Any, name: str) -> None:
     await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
 
-async def serve_html(html: Callable[[], str], *, host: str = "127.0.0.1") -> TestServer:
-    """A second site: one page at `/` whose HTML is built at request time."""
-
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=html(), content_type="text/html")
-
-    app = web.Application()
-    app.router.add_get("/", index)
-    server = TestServer(app, host=host, port=0)
-    await server.start_server()
-    return server
+EMBED_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Someone else's site</title></head>
+<body><h1>A shop that embeds the chat</h1><p>No CSP on this page: the widget must be safe on its own.</p>
+<script src="{src}" defer{extra}></script></body></html>"""
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+@dataclass
+class Site:
+    """Another origin (http://localhost:<port>) whose page embeds the widget with its script tag."""
+
+    server: TestServer
+    widget_src: str = ""
+    open_panel: bool = True
+
+    @property
+    def origin(self) -> str:
+        return f"http://localhost:{self.server.port}"
+
+    def url(self) -> str:
+        return f"{self.origin}/"
+
+    def page_html(self) -> str:
+        return EMBED_PAGE.format(src=self.widget_src, extra=' data-open="true"' if self.open_panel else "")
+
+
+@pytest.fixture
+async def start_site() -> AsyncIterator[Callable[[], Awaitable[Site]]]:
+    """Start a second site; set its `widget_src` once the service runs (its origin goes in CORS first)."""
+    servers: list[TestServer] = []
+
+    async def start() -> Site:
+        app = web.Application()
+        site = Site(TestServer(app, host="127.0.0.1", port=0))
+
+        async def index(request: web.Request) -> web.Response:
+            return web.Response(text=site.page_html(), content_type="text/html")
+
+        app.router.add_get("/", index)
+        await site.server.start_server()
+        servers.append(site.server)
+        return site
+
+    yield start
+    for server in servers:
+        await server.close()
