@@ -123,6 +123,49 @@ async def test_stop_after_reload_cancels_the_answer(start_service: StartService,
     await screenshot(page, "cancelled")
 
 
+FAKE_VISIBILITY_JS = """() => {
+  let state = "visible";
+  Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
+  Object.defineProperty(document, "hidden", {configurable: true, get: () => state === "hidden"});
+  window.__setVisibility = (next) => {
+    state = next;
+    document.dispatchEvent(new Event("visibilitychange"));
+  };
+}"""
+
+
+async def test_tab_becoming_visible_revives_a_stalled_stream(start_service: StartService, page: Any) -> None:
+    service = await start_service()
+    proxy = CuttingProxy(service.server.port or 0, cut_after=None)
+    await proxy.start()
+    try:
+        await page.goto(f"http://127.0.0.1:{proxy.port}/")
+        await page.evaluate(FAKE_VISIBILITY_JS)
+        session_id = await ask(page, "What happens when my phone sleeps")
+        await _wait_for_text(page, session_id, words=5)
+
+        await page.evaluate("__setVisibility('hidden')")
+        assert proxy.stall_open_streams() == 1
+        async with asyncio.timeout(10):
+            while (await service.session(session_id))["status"] != "done":
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        # The connection still looks open, yet the answer is stuck: the "loading dots forever" state.
+        stuck = await stored_message(page, session_id)
+        assert stuck["status"] == "streaming"
+        assert len(proxy.events_requests) == 1
+
+        await page.evaluate("__setVisibility('visible')")
+        await wait_status(page, session_id, "done", within_ms=5000)
+        final = await service.session(session_id)
+        assert (await stored_message(page, session_id))["text"] == final["text"]
+        assert await shown_text(page, session_id) == normalized(final["text"])
+        assert len(proxy.events_requests) == 2
+        assert b"last_event_id=" in proxy.events_requests[1].split(b"\r\n", 1)[0]
+    finally:
+        await proxy.close()
+
+
 async def _wait_for_text(page: Any, session_id: str, *, words: int, within: float = 10) -> str:
     """Wait until the streaming answer shows at least `words` words; return what it shows."""
     async with asyncio.timeout(within):
