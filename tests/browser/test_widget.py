@@ -147,7 +147,9 @@ async def test_tab_becoming_visible_revives_a_stalled_stream(start_service: Star
         await page.evaluate("__setVisibility('hidden')")
         assert proxy.stall_open_streams() == 1
         async with asyncio.timeout(10):
-            while (await service.session(session_id))["status"] != "done":
+            while True:
+                if (await service.session(session_id))["status"] == "done":
+                    break
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.3)
         # The connection still looks open, yet the answer is stuck: the "loading dots forever" state.
