@@ -30,24 +30,30 @@ class StreamClosed(Exception):
     """The hub is shutting down; the reader should end its response so the client reconnects."""
 
 
+Frames = list[tuple[Event, bytes]]
+
+
 @dataclass(eq=False)
 class Subscriber:
-    """One open event stream's queue of (event, frame) pairs."""
+    """One open event stream: batches the hub read for it, each with the id it was read after."""
 
     session_id: str
     last_id: tuple[int, int]
-    pending: deque[tuple[Event, bytes]] = field(default_factory=deque)
+    pending: deque[tuple[tuple[int, int], Frames]] = field(default_factory=deque)
+    queued: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    overflowed: bool = False
+    behind: bool = False
     closed: bool = False
 
-    def offer(self, event: Event, framed: bytes, limit: int) -> None:
-        if len(self.pending) >= limit:
+    def offer(self, read_after: tuple[int, int], frames: Frames, limit: int) -> None:
+        if self.queued + len(frames) > limit:
             # A slow reader re-reads from Redis instead of growing memory without bound.
-            self.overflowed = True
+            self.behind = True
             self.pending.clear()
-        elif not self.overflowed:
-            self.pending.append((event, framed))
+            self.queued = 0
+        elif not self.behind:
+            self.pending.append((read_after, frames))
+            self.queued += len(frames)
         self.wake.set()
 
 
@@ -78,6 +84,7 @@ class Hub:
         self._topics: dict[str, _Topic] = {}
         self._dirty: set[str] = set()
         self._fetch_wake = asyncio.Event()
+        self._sweep_now = asyncio.Event()
         self._pubsub: Any = None
         self._pubsub_ready = asyncio.Event()
         self._pubsub_lock = asyncio.Lock()
@@ -150,20 +157,33 @@ class Hub:
             topic.cursor = cursor
             self._mark_dirty(topic.session_id)
 
-    async def next_batch(self, sub: Subscriber) -> list[tuple[Event, bytes]]:
-        """Wait for this reader's next events (in order, none it has seen); [] when it must re-read."""
+    async def next_batch(self, sub: Subscriber) -> Frames:
+        """This reader's next events, in order and none it has seen; [] means: re-read from the stream.
+
+        A batch read after an id beyond the reader's last one may follow a gap (the hub's
+        cursor began at another reader's position), so the reader re-reads instead.
+        """
         while True:
             if sub.closed:
                 raise StreamClosed
-            if sub.overflowed:
-                sub.overflowed = False
+            if sub.behind:
+                sub.behind = False
                 return []
-            if sub.pending:
-                batch = [item for item in sub.pending if events.parse_event_id(item[0].id) > sub.last_id]
-                sub.pending.clear()
-                if batch:
-                    sub.last_id = events.parse_event_id(batch[-1][0].id)
-                    return batch
+            out: Frames = []
+            while sub.pending:
+                read_after, frames = sub.pending.popleft()
+                sub.queued -= len(frames)
+                if read_after > sub.last_id:
+                    sub.pending.clear()
+                    sub.queued = 0
+                    sub.behind = bool(out)  # deliver what is in order now, re-read on the next call
+                    return out
+                fresh = [item for item in frames if events.parse_event_id(item[0].id) > sub.last_id]
+                if fresh:
+                    out.extend(fresh)
+                    sub.last_id = events.parse_event_id(fresh[-1][0].id)
+            if out:
+                return out
             sub.wake.clear()
             await sub.wake.wait()
 
@@ -225,6 +245,8 @@ class Hub:
                 await self._pubsub.subscribe(*(keys.notify_channel(sid) for sid in sids))
             self._subscribed = set(sids)
             self._pubsub_ready.set()
+        if sids:
+            self._sweep_now.set()  # the store may have restarted: check every producer at once
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
@@ -281,15 +303,17 @@ class Hub:
         topic = self._topics.get(session_id)
         if topic is None or topic.cursor != read_from or not batch:
             return
-        topic.cursor = batch[-1].id
-        topic.last_change = time.monotonic()
+        frames: Frames = []
         for event in batch:
-            framed = events.frame(event)
-            for sub in topic.subscribers:
-                sub.offer(event, framed, self.QUEUE_LIMIT)
+            frames.append((event, events.frame(event)))
             if event.terminal:
                 topic.ended = True
                 break
+        topic.cursor = frames[-1][0].id
+        topic.last_change = time.monotonic()
+        read_after = events.parse_event_id(read_from)
+        for sub in topic.subscribers:
+            sub.offer(read_after, frames, self.QUEUE_LIMIT)
         if len(batch) == self.FETCH_COUNT and not topic.ended:
             self._mark_dirty(session_id)
 
@@ -299,12 +323,15 @@ class Hub:
         """End streams whose producer's lease lapsed: every reader, here and elsewhere, sees the error."""
         interval = max(0.1, self._lease_ttl / 2)
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), interval)
+            threshold = 0.0 if self._sweep_now.is_set() else interval
+            self._sweep_now.clear()
             now = time.monotonic()
             quiet = [
                 sid
                 for sid, topic in self._topics.items()
-                if not topic.ended and topic.cursor is not None and now - topic.last_change > interval
+                if not topic.ended and topic.cursor is not None and now - topic.last_change >= threshold
             ]
             if not quiet:
                 continue
@@ -313,7 +340,19 @@ class Hub:
                     data = events.error_data(
                         "producer_lost", "The server generating this answer stopped.", retryable=True
                     )
-                    if await self._store.fail_orphan(sid, data) is not None:
+                    outcome = await self._store.fail_orphan(sid, data)
+                    if outcome == "gone":
+                        self._end_topic(sid)
+                    elif outcome is not None:
                         log.warning("session %s: producer lost; ended with a retryable error", sid)
             except (RedisError, OSError) as exc:
                 log.warning("lease sweep failed: %s", exc)
+
+    def _end_topic(self, session_id: str) -> None:
+        """The session vanished from the store: end its streams; a reconnect is answered 404, not silence."""
+        log.warning("session %s: vanished from the store; ending its streams", session_id)
+        if (topic := self._topics.get(session_id)) is not None:
+            topic.ended = True
+            for sub in topic.subscribers:
+                sub.closed = True
+                sub.wake.set()

@@ -28,7 +28,7 @@ class _Ended(Exception):
 class _Writer:
     """Coalesces one session's text into as few appends as the store's pace allows."""
 
-    RETRIES = 5
+    RETRIES = 8  # about 5 s of backoff: rides out a Redis restart or failover
 
     def __init__(self, store: Store, session_id: str, on_cancel: asyncio.Event) -> None:
         self._store = store
@@ -61,7 +61,7 @@ class _Writer:
                 if attempt == self.RETRIES - 1:
                     raise
                 log.warning("session %s: append failed (%s); retrying", self._sid, exc)
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(min(1.0, 0.1 * 2**attempt))
         if result.ended:
             raise _Ended
         self.entries += 1

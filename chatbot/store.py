@@ -48,10 +48,12 @@ return {'ok', id, state[2] or ''}
 """
 
 # KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
-# Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back.
+# Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back,
+# 'gone' if the session itself vanished (expired, or Redis restarted without persistence).
 _FAIL_ORPHAN = """
 local status = redis.call('HGET', KEYS[2], 'status')
-if not status or status == 'done' or status == 'cancelled' or status == 'failed' then return false end
+if not status then return 'gone' end
+if status == 'done' or status == 'cancelled' or status == 'failed' then return false end
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', 'error', 'd', ARGV[1])
 redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
@@ -238,7 +240,7 @@ class Store:
         return [sid for sid, alive in zip(session_ids, replies, strict=True) if not alive]
 
     async def fail_orphan(self, session_id: str, error_data: str) -> str | None:
-        """End a session whose producer died with a terminal error; the id, or None if not orphaned."""
+        """End a session whose producer died with a terminal error: its id, None, or 'gone'."""
         result: str | None = await self._fail_orphan(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
             args=[error_data, self._maxlen, self._ttl, keys.notify_channel(session_id)],
