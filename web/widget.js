@@ -23,6 +23,7 @@
   const RETRY_MAX_MS = 10000;
   const STALE_HIDDEN_MS = 5000;
   const CANCEL_GRACE_MS = 4000;
+  const MAX_REFUSALS = 3;
   const REMOTE_TAGS = ["img", "picture", "source", "video", "audio", "track", "iframe", "object", "embed"];
   const FORM_TAGS = ["form", "input", "button", "textarea", "select", "option", "style", "link", "meta", "base"];
 
@@ -325,6 +326,7 @@
   let active = null; // {msg, source}
   let retryDelay = RETRY_MIN_MS;
   let retryTimer = 0;
+  let refusals = 0; // resumes the service answered with an error status, in a row
   let cancelTimer = 0;
 
   function closeStream() {
@@ -365,6 +367,7 @@
     source.addEventListener("open", () => {
       if (!current()) return;
       retryDelay = RETRY_MIN_MS;
+      refusals = 0;
       if (msg.status === "reconnecting") setStatus(msg, "streaming");
     });
     source.addEventListener("token", (event) => {
@@ -393,13 +396,13 @@
       } else if (source.readyState === EventSource.CONNECTING) {
         setStatus(msg, "reconnecting"); // the browser retries by itself, sending Last-Event-ID
       } else {
-        reconcile(msg); // closed: 204 (already finished), 4xx, or not an event stream
+        reconcile(msg, { refused: true }); // closed: 204 (already finished), 4xx, 5xx
       }
     });
   }
 
   /** Ask the service where an answer stands, then show its final text or resume its stream. */
-  async function reconcile(msg) {
+  async function reconcile(msg, { refused = false } = {}) {
     if (active && active.msg === msg) closeStream();
     let response;
     try {
@@ -419,6 +422,15 @@
       if (typeof session.text === "string") msg.text = session.text;
       finish(msg, outcome, outcome === "error" ? "The answer failed." : "");
     } else {
+      if (refused && ++refusals >= MAX_REFUSALS) {
+        // The service keeps refusing to resume after our id (say, its buffer was trimmed): read the
+        // answer again from its first event, replacing our text rather than appending to it.
+        refusals = 0;
+        msg.text = "";
+        msg.lastEventId = null;
+        save();
+        paintAssistant(msg);
+      }
       retryLater(msg);
     }
   }
@@ -461,6 +473,11 @@
       });
       if (response.ok) created = await response.json();
       else failure = await problemText(response);
+      if (response.status === 404 && body.conversation_id) {
+        // The conversation expired on the service: the next message starts a new one.
+        state.conversationId = null;
+        failure += " Send again to start a new conversation.";
+      }
     } catch {
       failure = "The service could not be reached.";
     }

@@ -123,6 +123,29 @@ async def test_stop_after_reload_cancels_the_answer(start_service: StartService,
     await screenshot(page, "cancelled")
 
 
+async def test_expired_conversation_starts_a_new_one(start_service: StartService, page: Any) -> None:
+    service = await start_service(demo_answer_tokens=5)
+    await page.goto(service.url("/"))
+    await page.evaluate(
+        """() => {
+          const key = Object.keys(localStorage).find((k) => k.startsWith("chatbot-widget:v1:"));
+          const state = JSON.parse(localStorage.getItem(key));
+          state.conversationId = "A".repeat(22);  // well-formed, but unknown to the service
+          localStorage.setItem(key, JSON.stringify(state));
+        }"""
+    )
+    await page.reload()
+    await page.get_by_test_id("chat-input").fill("Continue where we were")
+    await page.get_by_test_id("chat-send").click()
+    refused = page.locator('[data-testid="assistant-message"][data-status="error"]')
+    await refused.wait_for()
+    assert "start a new conversation" in await refused.inner_text()
+
+    session_id = await ask(page, "Continue where we were")
+    await wait_status(page, session_id, "done")
+    assert (await service.session(session_id))["conversation_id"] != "A" * 22
+
+
 FAKE_VISIBILITY_JS = """() => {
   let state = "visible";
   Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
