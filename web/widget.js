@@ -575,6 +575,14 @@
   panel.addEventListener("keydown", (event) => {
     if (event.key === "Escape") setOpen(false);
   });
+  // Another tab of this site changed the conversation: show it, unless this tab is mid-answer itself.
+  // An answer in flight there is followed through its saves; if that tab goes away, this one
+  // resumes the stream when it is next visible.
+  window.addEventListener("storage", (event) => {
+    if (event.key !== STORAGE_KEY || event.newValue === null || active || sending) return;
+    state = { ...loadState(), open: state.open };
+    renderAll();
+  });
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "hidden") hiddenAt = Date.now();
     else onVisible();

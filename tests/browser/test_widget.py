@@ -146,6 +146,25 @@ async def test_expired_conversation_starts_a_new_one(start_service: StartService
     assert (await service.session(session_id))["conversation_id"] != "A" * 22
 
 
+async def test_two_tabs_share_one_conversation(start_service: StartService, page: Any) -> None:
+    service = await start_service(demo_answer_tokens=20)
+    other = await page.context.new_page()
+    await page.goto(service.url("/"))
+    await other.goto(service.url("/"))
+
+    first = await ask(page, "Asked in the first tab")
+    await wait_status(page, first, "done")
+    await wait_status(other, first, "done")  # followed through the first tab's saves
+    assert await shown_text(other, first) == await shown_text(page, first)
+
+    second = await ask(other, "Followed up in the second tab")
+    await wait_status(other, second, "done")
+    await wait_status(page, second, "done")
+    assert (await service.session(second))["conversation_id"] == (await service.session(first))["conversation_id"]
+    for tab in (page, other):
+        assert await tab.get_by_test_id("assistant-message").count() == 2
+
+
 FAKE_VISIBILITY_JS = """() => {
   let state = "visible";
   Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
