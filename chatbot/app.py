@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import health, problems, sessions, sse
-from .appkeys import HUB, PRODUCERS, SETTINGS, STORE
+from .appkeys import CAPS, HUB, METRICS, PRODUCERS, SETTINGS, STORE
 from .hub import Hub
+from .limits import StreamCaps
+from .metrics import Metrics
 from .producer import Producers
 from .providers import Provider
 from .providers.demo import DemoProvider
@@ -31,8 +33,10 @@ def create_app(settings: Settings, *, provider: Provider | None = None) -> web.A
     """Build the service; `provider` overrides the one named in settings."""
     app = web.Application(middlewares=[problems.middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[CAPS] = StreamCaps(settings, app[METRICS])
     app.cleanup_ctx.append(_resources(provider or make_provider(settings)))
-    app.on_shutdown.append(_end_streams)
+    app.on_shutdown.append(_drain)
     app.router.add_post("/sessions", sessions.create)
     app.router.add_get("/sessions/{session_id}", sessions.read)
     app.router.add_post("/sessions/{session_id}/cancel", sessions.cancel)
@@ -40,6 +44,7 @@ def create_app(settings: Settings, *, provider: Provider | None = None) -> web.A
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/openapi.yaml", health.openapi)
+    app.router.add_get("/metrics", health.metrics)
     setup_web(app, settings)  # last: CORS covers the routes that exist now
     return app
 
@@ -53,11 +58,13 @@ def _resources(provider: Provider):  # type: ignore[no-untyped-def]
         else:
             log.info("using Redis at %s", settings.redis_url)
         store = Store(open_redis(settings), settings, owner=owner)
+        metrics = app[METRICS]
         producers = Producers(
-            store, provider, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
+            store, provider, metrics, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
         )
-        hub = Hub(store, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
+        hub = Hub(store, metrics, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
         app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
+        metrics.watch(open_streams=lambda: app[CAPS].open, active_generations=lambda: producers.active)
         await producers.start()
         await hub.start()
         try:
@@ -71,5 +78,7 @@ def _resources(provider: Provider):  # type: ignore[no-untyped-def]
     return context
 
 
-async def _end_streams(app: web.Application) -> None:
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: aiohttp has stopped accepting; finish the answers in flight, then send readers elsewhere."""
+    await app[PRODUCERS].drain(app[SETTINGS].shutdown_grace_seconds)
     app[HUB].end_streams()

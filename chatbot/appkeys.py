@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from .hub import Hub
+from .limits import StreamCaps
+from .metrics import Metrics
 from .producer import Producers
 from .settings import Settings
 from .store import Store
@@ -13,3 +15,5 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 HUB = web.AppKey("hub", Hub)
 PRODUCERS = web.AppKey("producers", Producers)
+METRICS = web.AppKey("metrics", Metrics)
+CAPS = web.AppKey("caps", StreamCaps)

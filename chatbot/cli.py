@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from aiohttp import web
+from pythonjsonlogger.json import JsonFormatter
 
 from .settings import Settings, SettingsError
 
@@ -23,12 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="overrides CHATBOT_PORT")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"chatbot: {exc}", file=sys.stderr)
         return 2
+    _configure_logging(settings.log_format)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
 
@@ -39,3 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
     )
     return 0
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        # Fields passed with extra= (session_id, outcome, ...) become keys of the JSON object.
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

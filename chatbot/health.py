@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .appkeys import STORE
+from .appkeys import METRICS, PRODUCERS, STORE
 from .problems import Problem
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
@@ -20,6 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if not request.app[PRODUCERS].accepting:
+        raise Problem(503, "draining", "Service Unavailable", "This instance is shutting down.")
     try:
         async with asyncio.timeout(READY_TIMEOUT):
             await request.app[STORE].ping()
@@ -30,3 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )

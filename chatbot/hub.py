@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from . import events, keys
 from .events import Event
+from .metrics import Metrics
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ class Hub:
     QUEUE_LIMIT = 4096
     RECONNECT_DELAY_MAX = 2.0
 
-    def __init__(self, store: Store, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
         self._store = store
+        self._metrics = metrics
         self._redis: aioredis.Redis = store.redis
         self._lease_ttl = lease_ttl
         self._on_cancel = on_cancel
@@ -223,6 +225,7 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self._metrics.redis_errors.labels("pubsub").inc()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
             self._pubsub_ready.clear()
             self._subscribed.clear()
@@ -290,6 +293,7 @@ class Hub:
             try:
                 fetched = await self._store.read_after_many(cursors, count=self.FETCH_COUNT)
             except (RedisError, OSError) as exc:
+                self._metrics.redis_errors.labels("reader").inc()
                 log.warning("stream read failed (%s); retrying", exc)
                 for sid in cursors:
                     self._dirty.add(sid)
@@ -346,6 +350,7 @@ class Hub:
                     elif outcome is not None:
                         log.warning("session %s: producer lost; ended with a retryable error", sid)
             except (RedisError, OSError) as exc:
+                self._metrics.redis_errors.labels("sweep").inc()
                 log.warning("lease sweep failed: %s", exc)
 
     def _end_topic(self, session_id: str) -> None:

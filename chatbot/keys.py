@@ -37,6 +37,11 @@ def conversation(conversation_id: str) -> str:
     return f"{PREFIX}:conv:{{{conversation_id}}}"
 
 
+def rate(address: str) -> str:
+    """Counter of sessions created by one client address in the current window."""
+    return f"{PREFIX}:rate:{{{address}}}"
+
+
 def session_id_from_channel(channel: str) -> str:
     """Inverse of notify_channel."""
     return channel[channel.index("{") + 1 : channel.index("}")]

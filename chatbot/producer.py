@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
 from . import events
+from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError
 from .store import Store
 
@@ -30,12 +32,14 @@ class _Writer:
 
     RETRIES = 8  # about 5 s of backoff: rides out a Redis restart or failover
 
-    def __init__(self, store: Store, session_id: str, on_cancel: asyncio.Event) -> None:
+    def __init__(self, store: Store, session_id: str, on_cancel: asyncio.Event, metrics: Metrics) -> None:
         self._store = store
         self._sid = session_id
         self._on_cancel = on_cancel
+        self._metrics = metrics
         self._pending: list[str] = []
         self._inflight: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
         self.entries = 0
 
     def add(self, text: str) -> None:
@@ -48,9 +52,12 @@ class _Writer:
 
     async def _flush(self) -> None:
         while self._pending:
-            text = "".join(self._pending)
+            text, pieces = "".join(self._pending), len(self._pending)
             self._pending.clear()
             await self._append(events.TOKEN, events.token_data(text))
+            if self.entries == 1:
+                self._metrics.ttft.observe(time.monotonic() - self._started)
+            self._metrics.tokens_relayed.inc(pieces)
 
     async def _append(self, event: str, data: str, terminal_status: str = "") -> None:
         for attempt in range(self.RETRIES):
@@ -90,11 +97,15 @@ class _Writer:
 class Producers:
     """This process's generation tasks, their leases and their cancellation."""
 
-    def __init__(self, store: Store, provider: Provider, *, lease_ttl: float, max_events: int) -> None:
+    def __init__(
+        self, store: Store, provider: Provider, metrics: Metrics, *, lease_ttl: float, max_events: int
+    ) -> None:
         self._store = store
         self._provider = provider
+        self._metrics = metrics
         self._lease_ttl = lease_ttl
         self._max_events = max_events
+        self.accepting = True
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._lease_task: asyncio.Task[None] | None = None
@@ -111,6 +122,14 @@ class Producers:
         task = asyncio.create_task(self._generate(session_id, messages, cancel), name=f"generate-{session_id}")
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._forget(session_id))
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Take no new answers and give the running ones up to `grace_seconds` to finish."""
+        self.accepting = False
+        tasks = list(self._tasks.values())
+        if tasks:
+            log.info("draining %d answers for up to %.0fs", len(tasks), grace_seconds)
+            await asyncio.wait(tasks, timeout=grace_seconds)
 
     def _forget(self, session_id: str) -> None:
         self._tasks.pop(session_id, None)
@@ -133,28 +152,43 @@ class Producers:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _generate(self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event) -> None:
-        writer = _Writer(self._store, session_id, cancel)
+        writer = _Writer(self._store, session_id, cancel, self._metrics)
+        outcome = "failed"
         try:
             finish = await self._relay(messages, writer, cancel)
             await writer.finish(events.DONE, events.done_data(finish.finish_reason, _usage(finish)), _status(finish))
-            log.info("session %s: %s after %d entries", session_id, finish.finish_reason, writer.entries)
+            outcome = finish.finish_reason
         except _Ended:
-            log.info("session %s: ended elsewhere; generation stopped", session_id)
+            outcome = "ended_elsewhere"
         except ProviderError as exc:
+            outcome = f"upstream_error:{exc.code}"
+            self._metrics.upstream_errors.labels(exc.code).inc()
             log.warning("session %s: provider error %s: %s", session_id, exc.code, exc.message)
             await self._end_with_error(writer, exc.code, exc.message, retryable=exc.retryable)
         except asyncio.CancelledError:
+            outcome = "server_shutdown"
             await self._end_with_error(
                 writer, "server_shutdown", "The server stopped before the answer was complete.", retryable=True
             )
             raise
         except (RedisError, OSError) as exc:
+            outcome = "store_unavailable"
+            self._metrics.redis_errors.labels("producer").inc()
             log.error("session %s: store unavailable, answer abandoned: %s", session_id, exc)
         except Exception:
+            outcome = "internal_error"
             log.exception("session %s: generation failed", session_id)
             await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         finally:
             await writer.abandon()
+            self._metrics.sessions.labels(outcome.partition(":")[0]).inc()
+            log.info(
+                "session %s outcome %s entries %d",
+                session_id,
+                outcome,
+                writer.entries,
+                extra={"session_id": session_id, "outcome": outcome, "entries": writer.entries},
+            )
 
     async def _relay(self, messages: Sequence[Message], writer: _Writer, cancel: asyncio.Event) -> Finish:
         """Run the copy loop until the answer ends, or stop it when a cancel arrives."""
@@ -203,6 +237,7 @@ class Producers:
             try:
                 flags = await self._store.renew_leases(sids)
             except (RedisError, OSError) as exc:
+                self._metrics.redis_errors.labels("lease").inc()
                 log.warning("lease renewal failed: %s", exc)
                 continue
             for sid, flag in flags.items():

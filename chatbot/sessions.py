@@ -8,7 +8,8 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from . import events, ids
-from .appkeys import PRODUCERS, SETTINGS, STORE
+from .appkeys import METRICS, PRODUCERS, SETTINGS, STORE
+from .limits import client_address
 from .problems import Problem
 from .providers import Message
 
@@ -68,6 +69,15 @@ async def create(request: web.Request) -> web.Response:
     body = await _json_body(request)
     message = _message(body, request.app[SETTINGS].max_message_chars)
     conversation_id = await _conversation_id(request, body)
+    if not request.app[PRODUCERS].accepting:
+        raise Problem(
+            503,
+            "draining",
+            "Service Unavailable",
+            "This instance is shutting down; retry.",
+            headers={"Retry-After": "1"},
+        )
+    await _rate_limit(request)
     session_id = ids.new_id()
     await request.app[STORE].create_session(session_id, conversation_id, message)
     request.app[PRODUCERS].spawn(session_id, [Message("user", message)])
@@ -77,6 +87,22 @@ async def create(request: web.Request) -> web.Response:
         status=201,
         headers={"Location": f"/sessions/{session_id}"},
     )
+
+
+async def _rate_limit(request: web.Request) -> None:
+    """Sessions per client address per window, counted in Redis so that every instance shares it."""
+    settings = request.app[SETTINGS]
+    if settings.rate_limit == 0:
+        return
+    address = client_address(request, settings.trusted_proxies)
+    hits, resets_in = await request.app[STORE].count_hit(address, settings.rate_window_seconds)
+    if hits > settings.rate_limit:
+        request.app[METRICS].rejected.labels("rate").inc()
+        raise Problem(
+            429, "rate-limited", "Too Many Requests",
+            f"At most {settings.rate_limit} new answers per {settings.rate_window_seconds}s from one client.",
+            headers={"Retry-After": str(max(1, int(resets_in + 0.999)))},
+        )  # fmt: skip
 
 
 def session_id(request: web.Request) -> str:

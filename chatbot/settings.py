@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,16 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("plain", "json"):
+        raise ValueError(raw)
+    return raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every knob of the service; build it with `Settings.from_env()`."""
@@ -82,6 +93,13 @@ class Settings:
     sse_retry_ms: int = 1000
     lease_ttl_seconds: float = 5.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    shutdown_grace_seconds: float = 30.0
+    rate_limit: int = 30
+    rate_window_seconds: int = 60
+    max_streams_per_address: int = 100
+    max_streams: int = 20_000
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default_factory=tuple)
+    log_format: str = "plain"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +140,21 @@ class Settings:
                 env, "CHATBOT_LEASE_TTL_SECONDS", d.lease_ttl_seconds, _positive_float, "seconds > 0"
             ),
             cors_origins=_parse(env, "CHATBOT_CORS_ORIGINS", d.cors_origins, _origins, "comma-separated origins"),
+            shutdown_grace_seconds=_parse(
+                env, "CHATBOT_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, _positive_float, "seconds > 0"
+            ),
+            rate_limit=_parse(env, "CHATBOT_RATE_LIMIT", d.rate_limit, _int_in(0, 1_000_000), "an integer >= 0"),
+            rate_window_seconds=_parse(
+                env, "CHATBOT_RATE_WINDOW_SECONDS", d.rate_window_seconds, _int_in(1, 86400), "seconds, 1-86400"
+            ),
+            max_streams_per_address=_parse(
+                env, "CHATBOT_MAX_STREAMS_PER_ADDRESS", d.max_streams_per_address, _int_in(1, 10**6), "an integer >= 1"
+            ),
+            max_streams=_parse(env, "CHATBOT_MAX_STREAMS", d.max_streams, _int_in(1, 10**7), "an integer >= 1"),
+            trusted_proxies=_parse(
+                env, "CHATBOT_TRUSTED_PROXIES", d.trusted_proxies, _networks, "comma-separated IP addresses or CIDRs"
+            ),
+            log_format=_parse(env, "CHATBOT_LOG_FORMAT", d.log_format, _log_format, "plain or json"),
         )
 
     @property

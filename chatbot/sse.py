@@ -10,9 +10,11 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from . import events
-from .appkeys import HUB, SETTINGS, STORE
+from .appkeys import CAPS, HUB, METRICS, SETTINGS, STORE
 from .events import Event
 from .hub import StreamClosed, Subscriber
+from .limits import client_address
+from .metrics import Metrics
 from .problems import Problem
 from .sessions import not_found, session_id
 
@@ -40,25 +42,34 @@ def _resume_point(request: web.Request) -> str | None:
 async def stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     resume = _resume_point(request)
-    store, hub = request.app[STORE], request.app[HUB]
-    if await store.session(sid) is None:
+    if await request.app[STORE].session(sid) is None:
         raise not_found()
-    after = events.parse_event_id(resume) if resume else (0, 0)
+    address = client_address(request, request.app[SETTINGS].trusted_proxies)
     try:
-        async with hub.subscribe(sid, after) as sub:
-            backlog = await store.read_from(sid, resume or "-")
-            if resume is not None:
-                if not backlog or backlog[0].id != resume:
-                    raise Problem(
-                        409, "unknown-last-event-id", "Conflict",
-                        "Last-Event-ID is not an event of this session; read it again from the start.",
-                    )  # fmt: skip
-                if backlog[0].terminal:
-                    return web.Response(status=204)  # nothing follows; a native EventSource stops here
-                backlog = backlog[1:]
-            return await _respond(request, hub_sub=sub, backlog=backlog, resume=resume)
+        with request.app[CAPS].hold(address):
+            return await _serve(request, sid, resume)
     except StreamClosed:
-        return web.Response(status=503, headers={"Retry-After": "1"})
+        raise Problem(
+            503, "draining", "Service Unavailable", "This instance is shutting down; reconnect.",
+            headers={"Retry-After": "1", "Connection": "close"},
+        ) from None  # fmt: skip
+
+
+async def _serve(request: web.Request, sid: str, resume: str | None) -> web.StreamResponse:
+    store, hub = request.app[STORE], request.app[HUB]
+    after = events.parse_event_id(resume) if resume else (0, 0)
+    async with hub.subscribe(sid, after) as sub:
+        backlog = await store.read_from(sid, resume or "-")
+        if resume is not None:
+            if not backlog or backlog[0].id != resume:
+                raise Problem(
+                    409, "unknown-last-event-id", "Conflict",
+                    "Last-Event-ID is not an event of this session; read it again from the start.",
+                )  # fmt: skip
+            if backlog[0].terminal:
+                return web.Response(status=204)  # nothing follows; a native EventSource stops here
+            backlog = backlog[1:]
+        return await _respond(request, hub_sub=sub, backlog=backlog, resume=resume)
 
 
 async def _respond(
@@ -76,7 +87,7 @@ async def _respond(
         batch = [(event, events.frame(event)) for event in backlog]
         while True:
             if batch:
-                ended = await _send(response, batch)
+                ended = await _send(response, batch, request.app[METRICS])
                 last = batch[-1][0].id
                 hub_sub.last_id = max(hub_sub.last_id, events.parse_event_id(last))
                 if ended:
@@ -86,7 +97,9 @@ async def _respond(
             if not batch:  # the reader fell behind the hub's queue: read the rest from the stream
                 batch = [(e, events.frame(e)) for e in await store.read_from(hub_sub.session_id, "(" + last)]
     except StreamClosed:
-        pass  # shutting down, or the client went away: end without a terminal event so it reconnects
+        # Shutting down, or the client went away: end without a terminal event so that it reconnects,
+        # and close the connection so that a proxy cannot reuse it to reach this instance again.
+        response.force_close()
     except (ConnectionResetError, TimeoutError):
         log.debug("session %s: reader went away", hub_sub.session_id)
     finally:
@@ -104,13 +117,15 @@ def _hang_up(sub: Subscriber) -> None:
     sub.wake.set()
 
 
-async def _send(response: EventSourceResponse, batch: list[tuple[Event, bytes]]) -> bool:
+async def _send(response: EventSourceResponse, batch: list[tuple[Event, bytes]], metrics: Metrics) -> bool:
     """Write events up to and including a terminal one; True if the stream ended."""
     for index, (event, _) in enumerate(batch):
         if event.terminal:
             await _write(response, b"".join(framed for _, framed in batch[: index + 1]))
+            metrics.events_sent.inc(index + 1)
             return True
     await _write(response, b"".join(framed for _, framed in batch))
+    metrics.events_sent.inc(len(batch))
     return False
 
 

@@ -95,6 +95,16 @@ return state[2] or ''
 """
 
 
+# KEYS: counter.  ARGV: window ms.  A fixed window: returns {count so far, ms until it resets}.
+_RATE = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {count, ttl}
+"""
+
+
 class StoreUnavailable(Exception):
     """Redis could not be reached in time."""
 
@@ -160,6 +170,7 @@ class Store:
         self._fail_orphan = redis.register_script(_FAIL_ORPHAN)
         self._cancel = redis.register_script(_CANCEL)
         self._renew = redis.register_script(_RENEW)
+        self._rate = redis.register_script(_RATE)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -183,6 +194,11 @@ class Store:
             pipe.hset(keys.conversation(conversation_id), "last_session", session_id)
             pipe.expire(keys.conversation(conversation_id), self._ttl)
             await pipe.execute()
+
+    async def count_hit(self, address: str, window_seconds: int) -> tuple[int, float]:
+        """Count one hit for `address` in the current window: (hits so far, seconds until it resets)."""
+        count, ttl_ms = await self._rate(keys=[keys.rate(address)], args=[window_seconds * 1000])
+        return int(count), int(ttl_ms) / 1000
 
     async def conversation_exists(self, conversation_id: str) -> bool:
         return bool(await self.redis.exists(keys.conversation(conversation_id)))

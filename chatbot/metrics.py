@@ -1,0 +1,49 @@
+"""Prometheus metrics, in a registry the app owns (no process-wide state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the service exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.open_streams = Gauge("chatbot_open_streams", "Event streams open on this instance.", registry=r)
+        self.active_generations = Gauge(
+            "chatbot_active_generations", "Answers being generated on this instance.", registry=r
+        )
+        self.sessions = Counter("chatbot_sessions", "Sessions ended, by outcome.", ["outcome"], registry=r)
+        self.tokens_relayed = Counter(
+            "chatbot_tokens_relayed", "Text deltas received from the provider and stored.", registry=r
+        )
+        self.events_sent = Counter("chatbot_events_sent", "Events written to readers.", registry=r)
+        self.ttft = Histogram(
+            "chatbot_time_to_first_token_seconds",
+            "From the session's creation to its first stored token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "chatbot_upstream_errors", "Provider failures, by error code.", ["code"], registry=r
+        )
+        self.redis_errors = Counter(
+            "chatbot_redis_errors", "Failed Redis operations, by component.", ["component"], registry=r
+        )
+        self.rejected = Counter(
+            "chatbot_rejected_requests", "Requests refused by a limit, by limit.", ["limit"], registry=r
+        )
+
+    def watch(self, *, open_streams: Callable[[], float], active_generations: Callable[[], float]) -> None:
+        """Read gauges from their owners at scrape time instead of tracking them twice."""
+        self.open_streams.set_function(open_streams)
+        self.active_generations.set_function(active_generations)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

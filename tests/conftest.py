@@ -1,0 +1,183 @@
+"""Shared fixtures: a real redis-server, Settings for each store, and the real app served over loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from chatbot.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+DEFAULT_TIMEOUT = 60
+
+# Fast demo answers: 40 tokens at 200/s take 0.2 s. The suite creates many sessions and streams from
+# 127.0.0.1, so the per-client limits are lifted unless a test is about them.
+FAST = {"demo_tokens_per_second": 200.0, "demo_answer_tokens": 40}
+UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite needs asyncio_mode=auto even before (or without) the project's ini choosing it.
+    if config.getoption("asyncio_mode", None) is None:
+        config.option.asyncio_mode = "auto"
+    config.addinivalue_line("markers", "settings(**fields): override Settings fields for the app under test")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test has a timeout, even one whose module forgot to set it.
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A throw-away redis-server process on a free loopback port, without persistence."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.mkdtemp(prefix="chatbot-redis-")
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir,
+                "--maxclients", "4000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer PING in time")
+                time.sleep(0.05)  # a process start has no event to await
+        finally:
+            client.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The shared server's URL, with an empty database for this test."""
+    with redis_server.client() as client:
+        client.flushall()
+    yield redis_server.url
+
+
+def make_settings(store: str, redis_url: str | None, **overrides: object) -> Settings:
+    base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED)  # type: ignore[arg-type]
+    if store == "redis":
+        base = dataclasses.replace(base, redis_url=redis_url)
+    else:
+        base = dataclasses.replace(base, redis_url=None)
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def store(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, store: str) -> Settings:
+    """Settings for the store under test; a test overrides fields with @pytest.mark.settings(...)."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else None
+    marker = request.node.get_closest_marker("settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    return make_settings(store, url, **overrides)
+
+
+@pytest_asyncio.fixture
+async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]]:
+    from chatbot.app import create_app
+
+    app = create_app(settings)
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBOT_")}
+    env.update(
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        CHATBOT_HOST="127.0.0.1",
+        CHATBOT_PORT=str(port),
+        CHATBOT_REDIS_URL=redis_url,
+        CHATBOT_RATE_LIMIT="0",
+        CHATBOT_MAX_STREAMS_PER_ADDRESS="100000",
+    )
+    env.update(extra)
+    return env
+
+
+def spawn_server(port: int, redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """`python -m chatbot serve` as a child process, its output in `log` (a pipe could fill and block it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "chatbot", "serve"],
+            cwd=str(ROOT),
+            env=serve_env(port, redis_url, **extra),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
