@@ -25,6 +25,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:Dep
 TERMINAL = {"done", "cancelled", "error"}
 
 
+def _redis_url(store: str, request: pytest.FixtureRequest) -> str | None:
+    """The real redis-server for the "redis" run of a test parametrized by the `store` fixture."""
+    if store != "redis":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
 async def sample(page: Any, session_id: str, *, until: set[str], within: float = 15) -> list[tuple[str, str]]:
     """Poll the answer's (data-status, shown text) until its status is one of `until`."""
     message = page.locator(f'[data-testid="assistant-message"][data-session-id="{session_id}"]')
@@ -56,8 +64,10 @@ async def test_answer_streams_visibly_before_it_is_done(start_service: StartServ
     await screenshot(page, "streamed")
 
 
-async def test_reload_mid_answer_completes_the_same_answer_once(start_service: StartService, page: Any) -> None:
-    service = await start_service()
+async def test_reload_mid_answer_completes_the_same_answer_once(
+    start_service: StartService, page: Any, store: str, request: pytest.FixtureRequest
+) -> None:
+    service = await start_service(redis_url=_redis_url(store, request))
     await page.goto(service.url("/"))
     session_id = await ask(page, "Tell me about reloading pages")
     before = await _wait_for_text(page, session_id, words=8)
@@ -78,8 +88,10 @@ async def test_reload_mid_answer_completes_the_same_answer_once(start_service: S
     await screenshot(page, "after-reload")
 
 
-async def test_cut_connections_resume_with_last_event_id(start_service: StartService, page: Any) -> None:
-    service = await start_service()
+async def test_cut_connections_resume_with_last_event_id(
+    start_service: StartService, page: Any, store: str, request: pytest.FixtureRequest
+) -> None:
+    service = await start_service(redis_url=_redis_url(store, request))
     proxy = CuttingProxy(service.server.port or 0, cut_after=0.3)
     await proxy.start()
     try:
