@@ -89,7 +89,7 @@ async def test_cors_preflight_for_a_listed_origin(make_client: MakeClient) -> No
     assert post.headers["Access-Control-Allow-Origin"] == ALLOWED
     assert post.headers["Access-Control-Allow-Headers"].lower() == "content-type"
     assert "Access-Control-Allow-Credentials" not in post.headers
-    # A native EventSource resends Last-Event-ID when it reconnects: not a safelisted header.
+    # EventSource's own Last-Event-ID needs no preflight, but a fetch()-based client resuming does.
     resume = await client.options(
         "/events/abc",
         headers={

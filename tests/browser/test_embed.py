@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from .conftest import (
+    RECORD_STATUSES_JS,
     ROOT,
     ScriptedProvider,
     Service,
@@ -21,6 +22,7 @@ from .conftest import (
     stored_message,
     wait_status,
 )
+from .cutting_proxy import CuttingProxy
 
 # TODO(web): drop once main's embedded store stops using fakeredis's deprecated FakeConnection.
 pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:DeprecationWarning")
@@ -80,6 +82,31 @@ async def test_widget_works_embedded_cross_origin(
     await wait_status(page, second, "done")
     assert (await service.session(second))["conversation_id"] == final["conversation_id"]
     await screenshot(page, "embedded")
+
+
+async def test_cross_origin_stream_resumes_through_cuts(
+    start_service: StartService, start_site: StartSite, page: Any
+) -> None:
+    service, site = await embedded(start_service, start_site)
+    proxy = CuttingProxy(service.server.port or 0, cut_after=0.3)
+    await proxy.start()
+    try:
+        # The browser's own resumes carry Last-Event-ID to another origin; each must get CORS headers.
+        site.widget_src = f"http://127.0.0.1:{proxy.port}/widget.js"
+        await page.goto(site.url())
+        await page.evaluate(RECORD_STATUSES_JS)
+        session_id = await ask(page, "Does resuming work across origins")
+        await wait_status(page, session_id, "done", within_ms=30_000)
+
+        final = await service.session(session_id)
+        assert len(proxy.resumed_requests) >= 3, proxy.events_requests
+        statuses = [s["status"] for s in await page.evaluate("window.__statuses") if s["id"] == session_id]
+        assert "reconnecting" in statuses
+        assert "error" not in statuses
+        assert (await stored_message(page, session_id))["text"] == final["text"]
+        assert await shown_text(page, session_id) == normalized(final["text"])
+    finally:
+        await proxy.close()
 
 
 async def test_unlisted_origin_is_refused(start_service: StartService, start_site: StartSite, page: Any) -> None:
