@@ -217,11 +217,17 @@
     if (msg.role === "user") {
       view = el("div", { class: "msg user" }, el("p", {}, msg.text));
     } else {
+      const retry = el("button", { type: "button", class: "retry", "data-testid": "chat-retry", hidden: true }, "Try again");
+      retry.addEventListener("click", () => {
+        send(msg.question, { again: msg });
+        input.focus();
+      });
       view = el(
         "article",
         { class: "msg assistant", "data-testid": "assistant-message" },
         el("div", { class: "body" }),
-        el("p", { class: "note" })
+        el("p", { class: "note" }),
+        retry
       );
     }
     views.set(msg, view);
@@ -246,6 +252,9 @@
     const noteEl = view.querySelector(".note");
     noteEl.textContent = note;
     noteEl.hidden = !note;
+    // Only the latest answer can be asked again: an earlier one is followed by the conversation.
+    const latest = state.messages[state.messages.length - 1] === msg;
+    view.querySelector(".retry").hidden = !(msg.status === "error" && msg.retryable && msg.question && latest);
   }
 
   let paintQueued = new Set();
@@ -287,11 +296,19 @@
   }
 
   function append(msg) {
+    const previous = state.messages[state.messages.length - 1];
     state.messages.push(msg);
+    if (previous && previous.role === "assistant") paintAssistant(previous); // no longer the latest
     empty.remove();
     log.append(messageView(msg));
     if (msg.role === "assistant") paintAssistant(msg);
     scrollToEnd();
+  }
+
+  function remove(msg) {
+    state.messages = state.messages.filter((m) => m !== msg);
+    views.get(msg)?.remove();
+    views.delete(msg);
   }
 
   function inFlight() {
@@ -391,8 +408,10 @@
       if (typeof event.data === "string") {
         // The service's terminal `error` event, not a transport failure.
         if (!isAfter(event.lastEventId, msg.lastEventId)) return;
+        const { message, retryable } = parseData(event);
         msg.lastEventId = event.lastEventId || msg.lastEventId;
-        finish(msg, "error", parseData(event).message || "The answer failed.");
+        msg.retryable = retryable === true;
+        finish(msg, "error", message || "The answer failed.");
       } else if (source.readyState === EventSource.CONNECTING) {
         setStatus(msg, "reconnecting"); // the browser retries by itself, sending Last-Event-ID
       } else {
@@ -454,17 +473,23 @@
 
   // ---- user actions --------------------------------------------------------------------
 
-  async function send(text) {
+  /** Ask `text`; with `again`, ask it once more in place of that failed answer. */
+  async function send(text, { again = null } = {}) {
     if (sending || inFlight() || !text.trim()) return;
     sending = true;
-    append({ role: "user", text });
-    input.value = "";
+    if (again) {
+      remove(again);
+    } else {
+      append({ role: "user", text });
+      input.value = "";
+    }
     save();
     renderControls();
     const body = { message: text };
     if (state.conversationId) body.conversation_id = state.conversationId;
     let created = null;
     let failure = "";
+    let retryable = true;
     try {
       const response = await fetch(api("sessions"), {
         method: "POST",
@@ -473,6 +498,7 @@
       });
       if (response.ok) created = await response.json();
       else failure = await problemText(response);
+      retryable = response.status === 429 || response.status >= 500;
       if (response.status === 404 && body.conversation_id) {
         // The conversation expired on the service: the next message starts a new one.
         state.conversationId = null;
@@ -483,13 +509,13 @@
     }
     sending = false;
     if (!created) {
-      append({ role: "assistant", text: "", sessionId: "", status: "error", note: failure, lastEventId: null });
+      append({ role: "assistant", text: "", sessionId: "", status: "error", note: failure, question: text, retryable });
       save();
       renderControls();
       return;
     }
     state.conversationId = created.conversation_id || state.conversationId;
-    const msg = { role: "assistant", text: "", sessionId: created.id, status: "streaming", lastEventId: null };
+    const msg = { role: "assistant", text: "", sessionId: created.id, status: "streaming", lastEventId: null, question: text };
     append(msg);
     save();
     renderControls();

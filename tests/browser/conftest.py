@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from chatbot.app import create_app
-from chatbot.providers import Finish, Message, Provider
+from chatbot.providers import Finish, Message, Provider, ProviderError
 from chatbot.settings import Settings
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -107,13 +107,20 @@ class ScriptedProvider:
 
     name = "scripted"
 
-    def __init__(self, answers: dict[str, str], *, piece_chars: int = 7, delay: float = 0.01) -> None:
+    def __init__(
+        self, answers: dict[str, str], *, piece_chars: int = 7, delay: float = 0.01, failures: int = 0
+    ) -> None:
         self.answers = answers
         self.piece_chars = piece_chars
         self.delay = delay
+        self.failures = failures  # the first calls that fail half-way with a retryable error
 
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
         answer = self.answers[messages[-1].content]
+        if self.failures > 0:
+            self.failures -= 1
+            yield answer[: self.piece_chars]
+            raise ProviderError("upstream_overloaded", "The model is overloaded; try again.", retryable=True)
         for start in range(0, len(answer), self.piece_chars):
             await asyncio.sleep(self.delay)
             yield answer[start : start + self.piece_chars]

@@ -9,6 +9,7 @@ import pytest
 
 from .conftest import (
     RECORD_STATUSES_JS,
+    ScriptedProvider,
     StartService,
     ask,
     normalized,
@@ -156,6 +157,27 @@ async def test_expired_conversation_starts_a_new_one(start_service: StartService
     session_id = await ask(page, "Continue where we were")
     await wait_status(page, session_id, "done")
     assert (await service.session(session_id))["conversation_id"] != "A" * 22
+
+
+async def test_retryable_error_offers_try_again(start_service: StartService, page: Any) -> None:
+    question, answer = "Are you there?", "Yes, **here** now."
+    service = await start_service(provider=ScriptedProvider({question: answer}, failures=1))
+    await page.goto(service.url("/"))
+    failed = await ask(page, question)
+    await wait_status(page, failed, "error")
+    message = page.locator(f'[data-session-id="{failed}"]')
+    assert "overloaded" in await message.inner_text()
+    assert (await service.session(failed))["status"] == "failed"
+
+    await message.get_by_test_id("chat-retry").press("Enter")  # keyboard, like any button
+    answers = page.get_by_test_id("assistant-message")
+    await page.locator('[data-testid="assistant-message"][data-status="done"]').wait_for()
+    assert await answers.count() == 1  # the failed answer is replaced, not kept beside the new one
+    assert await page.locator(".msg.user").count() == 1  # the question is not repeated
+    retried = await answers.get_attribute("data-session-id") or ""
+    assert retried != failed
+    assert (await stored_message(page, retried))["text"] == answer == (await service.session(retried))["text"]
+    assert await shown_text(page, retried) == "Yes, here now."
 
 
 async def test_two_tabs_share_one_conversation(start_service: StartService, page: Any) -> None:
