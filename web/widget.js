@@ -606,6 +606,7 @@
   // resumes the stream when it is next visible.
   window.addEventListener("storage", (event) => {
     if (event.key !== STORAGE_KEY || event.newValue === null || active || sending) return;
+    closeStream(); // a pending resume belongs to the state being replaced
     state = { ...loadState(), open: state.open };
     renderAll();
   });
