@@ -14,7 +14,7 @@ TERMINAL = frozenset({DONE, ERROR})
 
 SEP = b"\r\n"  # aiohttp-sse's separator, so every byte on one response uses one convention
 
-_EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_ID_PART = 2**64 - 1
 
 

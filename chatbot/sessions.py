@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -18,6 +19,13 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"{raw[:20]} does not fit a 64-bit float")
+    return value
+
+
 async def _json_body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise Problem(415, "unsupported-media-type", "Unsupported Media Type", "Send the body as application/json.")
@@ -26,7 +34,7 @@ async def _json_body(request: web.Request) -> Any:
         raise Problem(413, "body-too-large", "Content Too Large", f"The body must be at most {limit} bytes.")
     raw = await request.read()  # aiohttp enforces client_max_size for bodies without a length
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise Problem(400, "invalid-encoding", "Bad Request", "The body is not valid UTF-8.") from None
     except (ValueError, RecursionError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import fakeredis
 import redis.asyncio as aioredis
-from fakeredis.aioredis import FakeConnection
+from fakeredis.aioredis import FakeAsyncRedisConnection
 
 from . import events, keys
 from .settings import Settings
@@ -132,7 +132,7 @@ def open_redis(settings: Settings) -> aioredis.Redis:
     pool: aioredis.BlockingConnectionPool
     if settings.redis_url is None:
         pool = aioredis.BlockingConnectionPool(
-            connection_class=FakeConnection,  # type: ignore[arg-type]
+            connection_class=FakeAsyncRedisConnection,
             server=fakeredis.FakeServer(),
             max_connections=settings.redis_pool_size,
             timeout=POOL_WAIT_SECONDS,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.settings import Settings
@@ -27,7 +28,7 @@ DEFAULT_TIMEOUT = 60
 # Fast demo answers: 40 tokens at 200/s take 0.2 s. The suite creates many sessions and streams from
 # 127.0.0.1, so the per-client limits are lifted unless a test is about them.
 FAST = {"demo_tokens_per_second": 200.0, "demo_answer_tokens": 40}
-UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000}
+UNLIMITED = {"rate_limit": 0, "max_streams_per_address": 100_000, "shutdown_grace_seconds": 1.0}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -148,7 +149,7 @@ def settings(request: pytest.FixtureRequest, store: str) -> Settings:
 
 
 @pytest_asyncio.fixture
-async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]]:
+async def client(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     from chatbot.app import create_app
 
     app = create_app(settings)

@@ -228,7 +228,7 @@ async def test_resume_after_terminal_is_204(client: TestClient[Any, Any], by: st
 @pytest.mark.settings(**MEDIUM)
 async def test_resume_while_live_has_no_gap_and_no_duplicate(client: TestClient[Any, Any]) -> None:
     created = await create_session(client)
-    got = []
+    got: list[Any] = []
     async with client.get(f"/events/{created['id']}") as resp:
         parser = SSEParser()
         while len(got) < 5:
