@@ -16,9 +16,6 @@ from chatbot.app import create_app
 from chatbot.settings import Settings
 from chatbot.web import CONTENT_SECURITY_POLICY, WEB_ROOT, setup_web
 
-# TODO(web): drop once main's embedded store stops using fakeredis's deprecated FakeConnection.
-pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:DeprecationWarning")
-
 ALLOWED = "https://shop.example"
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Coroutine[Any, Any, Client]]

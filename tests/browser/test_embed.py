@@ -6,8 +6,6 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
-
 from .conftest import (
     RECORD_STATUSES_JS,
     ROOT,
@@ -23,9 +21,6 @@ from .conftest import (
     wait_status,
 )
 from .cutting_proxy import CuttingProxy
-
-# TODO(web): drop once main's embedded store stops using fakeredis's deprecated FakeConnection.
-pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:DeprecationWarning")
 
 StartSite = Callable[[], Awaitable[Site]]
 

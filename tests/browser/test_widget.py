@@ -20,9 +20,6 @@ from .conftest import (
 )
 from .cutting_proxy import CuttingProxy
 
-# TODO(web): drop once main's embedded store stops using fakeredis's deprecated FakeConnection.
-pytestmark = pytest.mark.filterwarnings("ignore:FakeConnection is deprecated:DeprecationWarning")
-
 TERMINAL = {"done", "cancelled", "error"}
 
 
