@@ -156,6 +156,35 @@ async def test_expired_conversation_starts_a_new_one(start_service: StartService
     assert (await service.session(session_id))["conversation_id"] != "A" * 22
 
 
+async def test_resume_answered_204_shows_the_final_text(start_service: StartService, page: Any) -> None:
+    service = await start_service(demo_answer_tokens=10)
+    await page.goto(service.url("/"))
+    session_id = await ask(page, "Finish before I come back")
+    await wait_status(page, session_id, "done")
+    async with service.http.get(service.url(f"/events/{session_id}")) as response:
+        ids = [line.split(":", 1)[1].strip() for line in (await response.text()).splitlines() if line.startswith("id:")]
+    # A stored answer that had every event but still says "streaming" (the tab died between the
+    # `done` and its save): resuming after the terminal id is answered 204 and the EventSource closes.
+    await page.evaluate(
+        """([sessionId, lastId]) => {
+          const key = Object.keys(localStorage).find((k) => k.startsWith("chatbot-widget:v1:"));
+          const state = JSON.parse(localStorage.getItem(key));
+          const msg = state.messages.find((m) => m.sessionId === sessionId);
+          Object.assign(msg, {status: "streaming", lastEventId: lastId, text: "stale"});
+          localStorage.setItem(key, JSON.stringify(state));
+        }""",
+        [session_id, ids[-1]],
+    )
+    statuses: list[int] = []
+    page.on("response", lambda r: statuses.append(r.status) if "/events/" in r.url else None)
+    await page.reload()
+    await wait_status(page, session_id, "done")
+    final = await service.session(session_id)
+    assert statuses == [204]
+    assert (await stored_message(page, session_id))["text"] == final["text"]
+    assert await shown_text(page, session_id) == normalized(final["text"])
+
+
 async def test_retryable_error_offers_try_again(start_service: StartService, page: Any) -> None:
     question, answer = "Are you there?", "Yes, **here** now."
     service = await start_service(provider=ScriptedProvider({question: answer}, failures=1))
