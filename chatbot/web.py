@@ -10,7 +10,9 @@ from aiohttp import web
 
 from .settings import Settings
 
-WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# A source checkout serves the repo's web/; an installed wheel carries a copy as chatbot/_web.
+_PACKAGED = Path(__file__).resolve().parent / "_web"
+WEB_ROOT = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "web"
 
 # Model output is rendered on these pages: no inline script, nothing fetched from elsewhere.
 CONTENT_SECURITY_POLICY = "; ".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -107,11 +108,9 @@ class RedisServer:
     def restart(self) -> None:
         """SHUTDOWN (which writes the append-only file, if any), then start again on the same port."""
         assert self.proc is not None
-        with redis.Redis(host="127.0.0.1", port=self.port) as client:
-            try:
-                client.shutdown(nosave=True)
-            except redis.ConnectionError:
-                pass  # the server closes the connection as it exits
+        # The server closes the connection as it exits.
+        with redis.Redis(host="127.0.0.1", port=self.port) as client, contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)
         self.proc.wait(timeout=10)
         self.start()
 
