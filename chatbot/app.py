@@ -21,6 +21,7 @@ from .providers import Provider
 from .providers.demo import DemoProvider
 from .settings import Settings, SettingsError
 from .store import Store, open_redis
+from .web import setup_web
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings, *, provider: Provider | None = None) -> web.A
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/openapi.yaml", health.openapi)
     app.router.add_get("/metrics", health.metrics)
+    setup_web(app, settings)  # last: CORS covers the routes that exist now
     return app
 
 

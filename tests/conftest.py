@@ -109,7 +109,7 @@ class RedisServer:
     def restart(self) -> None:
         """SHUTDOWN (which writes the append-only file, if any), then start again on the same port."""
         assert self.proc is not None
-        # the server closes the connection as it exits
+        # The server closes the connection as it exits.
         with redis.Redis(host="127.0.0.1", port=self.port) as client, contextlib.suppress(redis.ConnectionError):
             client.shutdown(nosave=True)
         self.proc.wait(timeout=10)

@@ -375,3 +375,19 @@ def test_redis_fixture_restart_keeps_data(own_redis: RedisServer) -> None:
     with redis.Redis(host="127.0.0.1", port=own_redis.port, decode_responses=True) as client:
         assert client.get("kept") == "yes"
         assert client.info("server")["run_id"] != before
+
+
+async def test_nginx_serves_the_widget_with_its_headers(
+    own_redis: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    cluster = await start_cluster(own_redis, 1, tmp_path, http)
+    try:
+        async with http.get(cluster.nginx.url + "/") as page:
+            assert page.status == 200 and "widget.js" in await page.text()
+            assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        async with http.get(cluster.nginx.url + "/widget.js", headers={"Accept-Encoding": "gzip"}) as script:
+            assert script.status == 200 and "javascript" in script.headers["Content-Type"]
+            assert script.headers.get("Content-Encoding") == "gzip"  # ordinary responses are compressed
+            assert len(await script.read()) > 1000
+    finally:
+        cluster.stop()

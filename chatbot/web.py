@@ -1,0 +1,98 @@
+"""The chat widget's files, the demo page, their security headers, and CORS for the API."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp_cors
+from aiohttp import web
+
+from .settings import Settings
+
+# A source checkout serves the repo's web/; an installed wheel carries a copy as chatbot/_web.
+_PACKAGED = Path(__file__).resolve().parent / "_web"
+WEB_ROOT = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "web"
+
+# Model output is rendered on these pages: no inline script, nothing fetched from elsewhere.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )
+)
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".md": "text/plain; charset=utf-8",
+}
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+# What a cross-origin page may send and read: JSON bodies, resumed event streams, problem details.
+CORS_ALLOW_HEADERS = ("Content-Type", "Accept", "Last-Event-ID")
+CORS_EXPOSE_HEADERS = ("Location", "Retry-After")
+CORS_MAX_AGE_SECONDS = 600
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def setup_web(app: web.Application, settings: Settings, *, root: Path = WEB_ROOT) -> None:
+    """Serve `root` (index.html at `/`), then allow CORS for `settings.cors_origins` on every route.
+
+    Call it last in the app factory: CORS covers only the routes that exist at that moment.
+    """
+    if not (root / "index.html").is_file():
+        raise FileNotFoundError(f"the widget's files are missing: no {root / 'index.html'}")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        url = "/" if relative == "index.html" else f"/{relative}"
+        app.router.add_get(url, _file_handler(path))
+    if settings.cors_origins:
+        _setup_cors(app, settings.cors_origins)
+
+
+def security_headers(content_type: str) -> dict[str, str]:
+    """Headers for one served file; pages also get the Content-Security-Policy."""
+    headers = {
+        "Content-Type": content_type,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+    if content_type.startswith("text/html"):
+        headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        headers["Referrer-Policy"] = "no-referrer"
+    return headers
+
+
+def _file_handler(path: Path) -> Handler:
+    headers = security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT))
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(path, headers=headers)
+
+    return serve
+
+
+def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        allow_methods=("GET", "POST"),
+        max_age=CORS_MAX_AGE_SECONDS,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        if route.method != "HEAD":  # aiohttp adds HEAD beside each GET; CORS on the GET covers it
+            cors.add(route)
