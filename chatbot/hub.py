@@ -76,6 +76,8 @@ class Hub:
     FETCH_COUNT = 512
     QUEUE_LIMIT = 4096
     RECONNECT_DELAY_MAX = 2.0
+    LISTEN_POLL_SECONDS = 1.0
+    CLOSE_WAIT_SECONDS = 5.0
 
     def __init__(self, store: Store, metrics: Metrics, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
         self._store = store
@@ -116,9 +118,10 @@ class Hub:
         self.end_streams()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded, and without swallowing a cancel aimed at close() itself.
+        _, stuck = await asyncio.wait(self._tasks, timeout=self.CLOSE_WAIT_SECONDS)
+        for task in stuck:
+            log.error("hub task %s did not stop within %.0fs", task.get_name(), self.CLOSE_WAIT_SECONDS)
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
@@ -214,17 +217,22 @@ class Hub:
 
     async def _listen(self) -> None:
         delay = 0.05
-        while True:
+        while not self._closing:
             try:
                 await self._connect_pubsub()
                 delay = 0.05
-                while True:
-                    message = await self._pubsub.get_message(timeout=None)
+                while not self._closing:
+                    # A bounded wait, not timeout=None: redis-py can swallow a cancel that lands while it
+                    # reads (seen with the embedded store), so shutdown also relies on this flag check.
+                    message = await self._pubsub.get_message(timeout=self.LISTEN_POLL_SECONDS)
                     if message is not None:
                         self._on_message(message)
+                return
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 self._metrics.redis_errors.labels("pubsub").inc()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
             self._pubsub_ready.clear()
