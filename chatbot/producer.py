@@ -194,7 +194,6 @@ class Producers:
             await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         finally:
             await writer.abandon()
-            self._metrics.sessions.labels(outcome.partition(":")[0]).inc()
             log.info(
                 "session %s outcome %s entries %d",
                 session_id,
@@ -202,6 +201,7 @@ class Producers:
                 writer.entries,
                 extra={"session_id": session_id, "outcome": outcome, "entries": writer.entries},
             )
+            self._metrics.sessions.labels(outcome.partition(":")[0]).inc()
 
     async def _relay(self, messages: Sequence[Message], writer: _Writer, cancel: asyncio.Event) -> Finish:
         """Run the copy loop until the answer ends, or stop it when a cancel arrives."""

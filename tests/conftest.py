@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -211,16 +210,3 @@ def serve_env(port: int, redis_url: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def spawn_server(port: int, redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """`python -m chatbot serve` as a child process, its output in `log` (a pipe could fill and block it)."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "chatbot", "serve"],
-            cwd=str(ROOT),
-            env=serve_env(port, redis_url, **extra),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )

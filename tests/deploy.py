@@ -74,6 +74,17 @@ class Instance:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.proc is not None, "the instance was never started"
+        return self.proc
+
+    def tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -83,14 +94,14 @@ class Instance:
     async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float = 20) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
+            assert self.proc is not None and self.proc.poll() is None, f"exited:\n{self.tail()}"
             try:
                 async with http.get(self.url + "/readyz") as resp:
                     if resp.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
-            assert time.monotonic() < deadline, f"instance on {self.port} not ready:\n{self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"instance on {self.port} not ready:\n{self.tail()}"
             await asyncio.sleep(0.05)
 
     def signal(self, sig: signal.Signals) -> None:
@@ -102,9 +113,14 @@ class Instance:
         return self.proc.wait(timeout=timeout_s)
 
     def stop(self) -> None:
+        """SIGTERM, as a deployment would; SIGKILL if it has not exited within 10 s."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
 @dataclass

@@ -133,7 +133,11 @@ async def test_sessions_through_nginx_spread_over_instances_and_read_whole(
             assert (state["status"], state["text"]) == ("done", text_of(follower.events))
             # Through nginx the answer arrives as it is written, not in one piece at the end.
             assert follower.arrivals[-1] - follower.arrivals[0] > 1.0
-        produced = [await metric(http, i.url, "chatbot_sessions_total") for i in cluster.instances]
+        # An outcome is counted just after its terminal event is written: wait for the last ones.
+        deadline = time.monotonic() + 5
+        while sum(produced := [await metric(http, i.url, "chatbot_sessions_total") for i in cluster.instances]) < 9:
+            assert time.monotonic() < deadline, produced
+            await asyncio.sleep(0.05)
         served = [await metric(http, i.url, "chatbot_events_sent_total") for i in cluster.instances]
         assert sum(produced) == 9
         assert sum(1 for n in produced if n) >= 2, f"sessions were produced on one instance only: {produced}"
@@ -355,7 +359,10 @@ async def test_metrics_parse_and_move(own_redis: RedisServer, tmp_path: Path, ht
         await follower.run(http)
         # Every delta the provider produced, however the writer coalesced them into events.
         assert await metric(http, url, "chatbot_tokens_relayed_total") - before == 50
-        assert await metric(http, url, "chatbot_sessions_total", outcome="stop") == 1
+        deadline = time.monotonic() + 5
+        while await metric(http, url, "chatbot_sessions_total", outcome="stop") != 1:
+            assert time.monotonic() < deadline, "the session's outcome was never counted"
+            await asyncio.sleep(0.05)
         assert await metric(http, url, "chatbot_time_to_first_token_seconds_count") == 1
         assert await metric(http, url, "chatbot_events_sent_total") == len(follower.events)
         # One JSON log line per session outcome, naming the session.

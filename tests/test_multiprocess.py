@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.conftest import RedisServer, free_port, spawn_server
+from tests.conftest import RedisServer, free_port, serve_env
+from tests.deploy import Instance
 from tests.helpers import (
     assert_problem,
     assert_well_formed,
@@ -35,43 +34,6 @@ SLOW_ENV = {
 }
 
 
-@dataclass
-class Instance:
-    proc: subprocess.Popen[bytes]
-    base: str
-    log: Path
-
-    def tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-async def wait_healthy(http: aiohttp.ClientSession, instance: Instance) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        if instance.proc.poll() is not None:
-            raise AssertionError(f"server exited with {instance.proc.returncode}:\n{instance.tail()}")
-        try:
-            async with http.get(instance.base + "/readyz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, f"server never became ready:\n{instance.tail()}"
-        await asyncio.sleep(0.1)  # a process start has no event to await
-
-
 class Cluster:
     def __init__(self, redis_url: str, tmp: Path, http: aiohttp.ClientSession) -> None:
         self.redis_url = redis_url
@@ -81,10 +43,10 @@ class Cluster:
 
     async def start(self, **env: str) -> Instance:
         port = free_port()
-        log = self.tmp / f"serve-{port}.log"
-        instance = Instance(spawn_server(port, self.redis_url, log, **env), f"http://127.0.0.1:{port}", log)
+        instance = Instance(port, self.tmp / f"serve-{port}.log", serve_env(port, self.redis_url, **env))
+        instance.start()
         self.instances.append(instance)
-        await wait_healthy(self.http, instance)
+        await instance.wait_ready(self.http)
         return instance
 
     def stop_all(self) -> None:
@@ -114,14 +76,14 @@ async def cluster(redis_url: str, tmp_path: Path, http: aiohttp.ClientSession) -
 
 
 async def post_session(http: aiohttp.ClientSession, instance: Instance, message: str = "hi") -> dict[str, Any]:
-    async with http.post(instance.base + "/sessions", json={"message": message}) as resp:
+    async with http.post(instance.url + "/sessions", json={"message": message}) as resp:
         assert resp.status == 201, await resp.text()
         created: dict[str, Any] = await resp.json()
         return created
 
 
 async def get_state(http: aiohttp.ClientSession, instance: Instance, session_id: str) -> dict[str, Any]:
-    async with http.get(f"{instance.base}/sessions/{session_id}") as resp:
+    async with http.get(f"{instance.url}/sessions/{session_id}") as resp:
         assert resp.status == 200, await resp.text()
         state: dict[str, Any] = await resp.json()
         return state
@@ -132,7 +94,7 @@ async def read_until(
 ) -> list[Event]:
     """Read from the start until `tokens` token events arrived, or (tokens=None) to the stream's end."""
     events: list[Event] = []
-    async with http.get(f"{instance.base}/events/{session_id}") as resp:
+    async with http.get(f"{instance.url}/events/{session_id}") as resp:
         assert resp.status == 200
         assert media_type(resp.headers.get("Content-Type")) == "text/event-stream"
         parser = SSEParser()
@@ -164,7 +126,7 @@ async def test_post_on_one_read_on_other(cluster: Cluster, http: aiohttp.ClientS
     assert (await get_state(http, b, created["id"]))["text"] == text_of(on_b)
     # resume on the other instance too
     mid = on_b[len(on_b) // 2].id
-    async with http.get(f"{a.base}/events/{created['id']}", headers={"Last-Event-ID": mid or ""}) as resp:
+    async with http.get(f"{a.url}/events/{created['id']}", headers={"Last-Event-ID": mid or ""}) as resp:
         parser = SSEParser()
         rest = parser.feed(await resp.read())
     assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in on_b[len(on_b) // 2 + 1 :]]
@@ -177,7 +139,7 @@ async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, 
     session_id = created["id"]
     events: list[Event] = []
     killed_at: list[float] = []
-    async with http.get(f"{b.base}/events/{session_id}") as resp:
+    async with http.get(f"{b.url}/events/{session_id}") as resp:
         assert resp.status == 200
         parser = SSEParser()
         while True:
@@ -185,8 +147,8 @@ async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, 
             assert chunk, "stream on B ended without a terminal event"
             events += parser.feed(chunk)
             if not killed_at and sum(e.type == "token" for e in events) >= 3:
-                os.kill(a.proc.pid, signal.SIGKILL)
-                a.proc.wait(timeout=5)
+                os.kill(a.process.pid, signal.SIGKILL)
+                a.process.wait(timeout=5)
                 killed_at.append(time.monotonic())
             if events and events[-1].type in {"done", "error"}:
                 elapsed = time.monotonic() - killed_at[0]
@@ -219,7 +181,7 @@ async def test_cancel_on_other_instance_stops_the_producer(
     session_id = created["id"]
     reader = asyncio.create_task(read_until(http, a, session_id))
     await read_until(http, b, session_id, tokens=2)
-    async with http.post(f"{b.base}/sessions/{session_id}/cancel") as resp:
+    async with http.post(f"{b.url}/sessions/{session_id}/cancel") as resp:
         assert resp.status == 202
     async with asyncio.timeout(5):
         events = await reader
@@ -241,16 +203,16 @@ async def test_cancel_on_other_instance_stops_the_producer(
         await asyncio.sleep(1.5)  # several token intervals at 5 tokens/s: growth would show
         assert {k: r.xlen(k) for k in keys} == lengths
     assert events[-1].id in set(last.values())
-    assert a.proc.poll() is None, "the producing instance died"
-    async with http.get(a.base + "/healthz") as resp:
+    assert a.process.poll() is None, "the producing instance died"
+    async with http.get(a.url + "/healthz") as resp:
         assert resp.status == 200
 
 
 async def test_unknown_ids_are_404_on_every_instance(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     a = await cluster.start()
-    async with http.get(a.base + "/events/AAAAAAAAAAAAAAAAAAAAAA") as resp:
+    async with http.get(a.url + "/events/AAAAAAAAAAAAAAAAAAAAAA") as resp:
         await assert_problem(resp, 404)
-    async with http.post(a.base + "/sessions/AAAAAAAAAAAAAAAAAAAAAA/cancel") as resp:
+    async with http.post(a.url + "/sessions/AAAAAAAAAAAAAAAAAAAAAA/cancel") as resp:
         await assert_problem(resp, 404)
 
 
@@ -278,7 +240,7 @@ async def test_300_streams_use_a_handful_of_redis_connections(
 
         async def hold(session_id: str) -> None:
             nonlocal opened
-            async with http.get(f"{a.base}/events/{session_id}") as resp:
+            async with http.get(f"{a.url}/events/{session_id}") as resp:
                 assert resp.status == 200
                 parser = SSEParser()
                 counted = False
@@ -313,7 +275,7 @@ async def test_300_streams_use_a_handful_of_redis_connections(
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        async with http.get(a.base + "/healthz") as resp:
+        async with http.get(a.url + "/healthz") as resp:
             assert resp.status == 200
     finally:
         cluster.stop_all()
@@ -329,9 +291,9 @@ async def test_sigterm_stops_the_process_promptly(
         created = await post_session(http, a)
         events = await read_until(http, a, created["id"])
         assert events[-1].type == "done"
-    a.proc.send_signal(signal.SIGTERM)
+    a.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while a.proc.poll() is None:
+    while a.process.poll() is None:
         assert time.monotonic() < deadline, f"still running 10 s after SIGTERM:\n{a.tail()}"
         await asyncio.sleep(0.1)  # waiting for a process exit: no event to await
-    assert a.proc.returncode == 0, a.tail()
+    assert a.process.returncode == 0, a.tail()
