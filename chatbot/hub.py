@@ -75,7 +75,7 @@ class Hub:
 
     FETCH_COUNT = 512
     QUEUE_LIMIT = 4096
-    RECONNECT_DELAY_MAX = 2.0
+    RECONNECT_DELAY_MAX = 0.5  # a refused connect is cheap; a reader waits on this after Redis is back
     LISTEN_POLL_SECONDS = 1.0
     CLOSE_WAIT_SECONDS = 5.0
 

@@ -30,7 +30,8 @@ class _Ended(Exception):
 class _Writer:
     """Coalesces one session's text into as few appends as the store's pace allows."""
 
-    RETRIES = 8  # about 5 s of backoff: rides out a Redis restart or failover
+    # How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
+    OUTAGE_SECONDS = 30.0
 
     def __init__(self, store: Store, session_id: str, on_cancel: asyncio.Event, metrics: Metrics) -> None:
         self._store = store
@@ -62,15 +63,18 @@ class _Writer:
             self._metrics.tokens_relayed.inc(pieces)
 
     async def _append(self, event: str, data: str, terminal_status: str = "") -> None:
-        for attempt in range(self.RETRIES):
+        give_up = time.monotonic() + self.OUTAGE_SECONDS
+        delay = 0.05
+        while True:
             try:
                 result = await self._store.append(self._sid, event, data, terminal_status=terminal_status)
                 break
             except (RedisError, OSError) as exc:
-                if attempt == self.RETRIES - 1:
+                if time.monotonic() >= give_up:
                     raise
                 log.warning("session %s: append failed (%s); retrying", self._sid, exc)
-                await asyncio.sleep(min(1.0, 0.1 * 2**attempt))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
         if result.ended:
             raise _Ended
         self.entries += 1

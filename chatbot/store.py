@@ -15,6 +15,10 @@ from typing import Any
 import fakeredis
 import redis.asyncio as aioredis
 from fakeredis.aioredis import FakeAsyncRedisConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import events, history, keys
 from .history import Turn
@@ -169,6 +173,10 @@ def open_redis(settings: Settings) -> aioredis.Redis:
             socket_connect_timeout=2.0,
             socket_keepalive=True,
             health_check_interval=30,
+            # After a Redis restart every pooled connection is stale: reconnect and retry once or twice
+            # instead of failing the command that happens to find it.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
     return aioredis.Redis(connection_pool=pool)
 
