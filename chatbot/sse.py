@@ -8,6 +8,7 @@ import logging
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from redis.exceptions import RedisError
 
 from . import events
 from .appkeys import CAPS, HUB, METRICS, SETTINGS, STORE
@@ -102,6 +103,10 @@ async def _respond(
         response.force_close()
     except (ConnectionResetError, TimeoutError):
         log.debug("session %s: reader went away", hub_sub.session_id)
+    except RedisError as exc:
+        # Headers are sent, so no problem document can follow: end the stream, the client resumes.
+        log.warning("session %s: store failed mid-stream (%s); ending it for a reconnect", hub_sub.session_id, exc)
+        response.force_close()
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
