@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from redis.exceptions import RedisError
 
 from . import events, history
 from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError
-from .store import Store
+from .store import AppendResult, Store
 
 log = logging.getLogger(__name__)
 
@@ -27,77 +27,169 @@ class _Ended(Exception):
     """The store refused an append: the session ended elsewhere (cancelled, orphaned) or expired."""
 
 
+# How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
+OUTAGE_SECONDS = 30.0
+
+
 class _Writer:
-    """Coalesces one session's text into as few appends as the store's pace allows."""
+    """One session's text on its way to the store: coalesced, at most one append in flight.
 
-    # How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
-    OUTAGE_SECONDS = 30.0
+    Tokens travel through the process's `_Batcher`; the terminal event is appended directly.
+    """
 
-    def __init__(self, store: Store, session_id: str, on_cancel: asyncio.Event, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Store, batcher: _Batcher, session_id: str, on_cancel: asyncio.Event, metrics: Metrics
+    ) -> None:
         self._store = store
-        self._sid = session_id
+        self._batcher = batcher
+        self.sid = session_id
         self._on_cancel = on_cancel
         self._metrics = metrics
         self._pending: list[str] = []
-        self._inflight: asyncio.Task[None] | None = None
+        self._pieces = 0  # provider deltas in _pending, for the tokens-relayed counter
+        self._flying = False  # queued for, or inside, a batch
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._outage_since: float | None = None
         self._started = time.monotonic()
+        self.error: BaseException | None = None
         self.entries = 0
         self.stored: list[str] = []  # the text appended so far, for the conversation's history
 
     def add(self, text: str) -> None:
-        if self._inflight is not None and self._inflight.done():
-            self._inflight.result()  # surfaces _Ended or a store failure to the generation loop
-            self._inflight = None
+        if self.error is not None:
+            raise self.error  # _Ended, or the store failed for longer than an outage may last
         self._pending.append(text)
-        if self._inflight is None:
-            self._inflight = asyncio.create_task(self._flush())
+        self._pieces += 1
+        if not self._flying:
+            self._flying = True
+            self._idle.clear()
+            self._batcher.schedule(self)
 
-    async def _flush(self) -> None:
-        while self._pending:
-            text, pieces = "".join(self._pending), len(self._pending)
-            self._pending.clear()
-            await self._append(events.TOKEN, events.token_data(text))
-            self.stored.append(text)
-            if self.entries == 1:
-                self._metrics.ttft.observe(time.monotonic() - self._started)
-            self._metrics.tokens_relayed.inc(pieces)
+    def take(self) -> tuple[str, int]:
+        """The pending text as one entry, and how many deltas it joins; called by the batcher."""
+        text, pieces = "".join(self._pending), self._pieces
+        self._pending.clear()
+        self._pieces = 0
+        return text, pieces
 
-    async def _append(self, event: str, data: str, terminal_status: str = "") -> None:
-        give_up = time.monotonic() + self.OUTAGE_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                result = await self._store.append(self._sid, event, data, terminal_status=terminal_status)
-                break
-            except (RedisError, OSError) as exc:
-                if time.monotonic() >= give_up:
-                    raise
-                log.warning("session %s: append failed (%s); retrying", self._sid, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-        if result.ended:
-            raise _Ended
+    def landed(self, text: str, pieces: int, result: AppendResult | Exception) -> None:
+        """The batcher's answer for this writer's entry."""
+        if isinstance(result, Exception) or result.ended:
+            self._fail(result if isinstance(result, Exception) else _Ended())
+            return
+        self._outage_since = None
         self.entries += 1
+        self.stored.append(text)
+        if self.entries == 1:
+            self._metrics.ttft.observe(time.monotonic() - self._started)
+        self._metrics.tokens_relayed.inc(pieces)
         if result.cancel_requested:
             self._on_cancel.set()
+        if self._pending:
+            self._batcher.schedule(self)
+        else:
+            self._flying = False
+            self._idle.set()
+
+    def bounced(self, text: str, pieces: int, exc: Exception) -> bool:
+        """The batch failed as a whole: put the text back in front; False once the outage lasted too long."""
+        now = time.monotonic()
+        self._outage_since = self._outage_since or now
+        if now - self._outage_since > OUTAGE_SECONDS:
+            self._fail(exc)
+            return False
+        self._pending.insert(0, text)
+        self._pieces += pieces
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._pending.clear()
+        self._flying = False
+        self._idle.set()
 
     async def drain(self) -> None:
         """Wait until every added text is stored."""
-        if self._inflight is not None:
-            task, self._inflight = self._inflight, None
-            await task
-        if self._pending:
-            await self._flush()
+        await self._idle.wait()
+        if self.error is not None:
+            raise self.error
 
     async def finish(self, event: str, data: str, status: str) -> None:
         await self.drain()
-        await self._append(event, data, status)
+        result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data, terminal_status=status))
+        if result.ended:
+            raise _Ended
+        self.entries += 1
 
-    async def abandon(self) -> None:
-        if self._inflight is not None:
-            self._inflight.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._inflight
+
+async def _retrying(session_id: str, call: Callable[[], Awaitable[AppendResult]]) -> AppendResult:
+    """Retry a store call through an outage of up to OUTAGE_SECONDS."""
+    give_up = time.monotonic() + OUTAGE_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            if time.monotonic() >= give_up:
+                raise
+            log.warning("session %s: append failed (%s); retrying", session_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class _Batcher:
+    """Sends every session's pending text in one pipeline per round trip.
+
+    While a batch is out, each session's new text collects in its writer and goes in the next batch:
+    idle, a token is written at once; under load, the per-command cost of the Redis client (the top of
+    the profile in bench/RESULTS.md) is paid once per batch instead of once per session.
+    """
+
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queue: dict[str, _Writer] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="producer-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def schedule(self, writer: _Writer) -> None:
+        self._queue[writer.sid] = writer
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            writers = list(self._queue.values())
+            self._queue.clear()
+            batch = [(writer, *writer.take()) for writer in writers]
+            try:
+                results = await self._store.append_many(
+                    [(writer.sid, events.TOKEN, events.token_data(text)) for writer, text, _ in batch]
+                )
+            except (RedisError, OSError) as exc:
+                self._metrics.redis_errors.labels("producer").inc()
+                log.warning("appending %d entries failed (%s); retrying", len(batch), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                for writer, text, pieces in batch:
+                    if writer.bounced(text, pieces, exc):
+                        self.schedule(writer)
+                continue
+            delay = 0.05
+            for (writer, text, pieces), result in zip(batch, results, strict=True):
+                writer.landed(text, pieces, result)
 
 
 class Producers:
@@ -115,8 +207,10 @@ class Producers:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._lease_task: asyncio.Task[None] | None = None
+        self._batcher = _Batcher(store, metrics)
 
     async def start(self) -> None:
+        self._batcher.start()
         self._lease_task = asyncio.create_task(self._keep_leases(), name="producer-leases")
 
     @property
@@ -159,11 +253,12 @@ class Producers:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._batcher.close()  # last: the cancelled answers' final writes go through it
 
     async def _generate(
         self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
     ) -> None:
-        writer = _Writer(self._store, session_id, cancel, self._metrics)
+        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics)
         turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
@@ -197,7 +292,6 @@ class Producers:
             log.exception("session %s: generation failed", session_id)
             await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         finally:
-            await writer.abandon()
             log.info(
                 "session %s outcome %s entries %d",
                 session_id,

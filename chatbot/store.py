@@ -18,6 +18,7 @@ from fakeredis.aioredis import FakeAsyncRedisConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import events, history, keys
@@ -275,9 +276,32 @@ class Store:
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
             args=[event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id)],
         )
-        if reply[0] != "ok":
-            return AppendResult(id=None, ended=True, cancel_requested=False)
-        return AppendResult(id=reply[1], ended=False, cancel_requested=reply[2] == "1")
+        return _append_result(reply)
+
+    async def append_many(self, items: Sequence[tuple[str, str, str]]) -> list[AppendResult | Exception]:
+        """Append (session, event, data) items, none terminal, in one round trip; a result or error each.
+
+        EVALSHA goes into the pipeline directly: a pipeline given Script objects checks them with an
+        extra SCRIPT EXISTS round trip on every execute. A NOSCRIPT (Redis restarted) loads it and retries.
+        """
+        replies = await self._append_pipeline(items)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self.redis.script_load(_APPEND)
+            retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            for i, reply in zip(retry, await self._append_pipeline([items[i] for i in retry]), strict=True):
+                replies[i] = reply
+        return [r if isinstance(r, Exception) else _append_result(r) for r in replies]
+
+    async def _append_pipeline(self, items: Sequence[tuple[str, str, str]]) -> list[Any]:
+        sha = self._append.sha
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid, event, data in items:
+                pipe.evalsha(
+                    sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
+                    event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid),
+                )  # fmt: skip
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def request_cancel(self, session_id: str, done_data: str) -> str:
         """'unknown', 'ended', 'requested' (a live producer will stop) or 'cancelled' (ended here)."""
@@ -341,6 +365,12 @@ class Store:
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
+
+
+def _append_result(reply: list[str]) -> AppendResult:
+    if reply[0] != "ok":
+        return AppendResult(id=None, ended=True, cancel_requested=False)
+    return AppendResult(id=reply[1], ended=False, cancel_requested=reply[2] == "1")
 
 
 def _exclusive(event_id: str) -> str:
