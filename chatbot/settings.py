@@ -104,7 +104,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     redis_url: str | None = None
-    redis_pool_size: int = 8
+    redis_pool_size: int = 3
     provider: str = "demo"
     demo_tokens_per_second: float = 20.0
     demo_answer_tokens: int = 120

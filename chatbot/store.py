@@ -211,9 +211,13 @@ class Store:
         return bool(await self.redis.ping())
 
     async def create_session(self, session_id: str, conversation_id: str, message: str) -> None:
-        """Store a new queued session, its conversation and its producer's first lease."""
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(
+        """Store a new queued session, its conversation and its producer's first lease, in one round trip.
+
+        The lease goes first: no reader can see the session without it, so no sweep can call it orphaned.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.lease(session_id), self._owner, px=self._lease_ms)
+            pipe.hset(
                 keys.meta(session_id),
                 mapping={
                     "conversation_id": conversation_id,
@@ -222,10 +226,7 @@ class Store:
                     "created": f"{time.time():.3f}",
                 },
             )
-            tx.expire(keys.meta(session_id), self._ttl)
-            tx.set(keys.lease(session_id), self._owner, px=self._lease_ms)
-            await tx.execute()
-        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(keys.meta(session_id), self._ttl)
             pipe.hset(keys.conversation(conversation_id), "last_session", session_id)
             pipe.expire(keys.conversation(conversation_id), self._ttl)
             await pipe.execute()
