@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from typing import TypedDict
 
 from aiohttp import web
 
@@ -18,14 +19,43 @@ from .metrics import Metrics
 from .producer import Producers
 from .providers import Provider
 from .providers.demo import DemoProvider
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .store import Store, open_redis
 
 log = logging.getLogger(__name__)
 
 
+class _ProviderOptions(TypedDict):
+    model: str
+    idle_timeout: float
+    max_retries: int
+    max_output_tokens: int | None
+
+
 def make_provider(settings: Settings) -> Provider:
-    return DemoProvider(tokens_per_second=settings.demo_tokens_per_second, answer_tokens=settings.demo_answer_tokens)
+    """The provider CHATBOT_PROVIDER names; the SDK-backed ones take their credentials from their own env vars."""
+    if settings.provider == "demo":
+        return DemoProvider(
+            tokens_per_second=settings.demo_tokens_per_second, answer_tokens=settings.demo_answer_tokens
+        )
+    options: _ProviderOptions = {
+        "model": settings.model,
+        "idle_timeout": settings.upstream_idle_timeout_seconds,
+        "max_retries": settings.upstream_max_retries,
+        "max_output_tokens": settings.max_output_tokens,
+    }
+    if settings.provider == "openai":
+        import openai
+
+        from .providers.openai_compat import OpenAIProvider
+
+        try:
+            return OpenAIProvider(**options)
+        except openai.OpenAIError as exc:
+            raise SettingsError(f"OPENAI_API_KEY must be set for CHATBOT_PROVIDER=openai ({exc})") from None
+    from .providers.anthropic_messages import AnthropicProvider
+
+    return AnthropicProvider(**options)
 
 
 def create_app(settings: Settings, *, provider: Provider | None = None) -> web.Application:

@@ -35,10 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .app import create_app
 
+    try:
+        app = create_app(settings)  # builds the provider, whose SDK may find its own variables missing
+    except SettingsError as exc:
+        print(f"chatbot: {exc}", file=sys.stderr)
+        return 2
     log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
-    )
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10)
     return 0
 
 

@@ -37,6 +37,11 @@ def conversation(conversation_id: str) -> str:
     return f"{PREFIX}:conv:{{{conversation_id}}}"
 
 
+def history(conversation_id: str) -> str:
+    """List of a conversation's turns, oldest first; shares the conversation's hash tag."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:history"
+
+
 def rate(address: str) -> str:
     """Counter of sessions created by one client address in the current window."""
     return f"{PREFIX}:rate:{{{address}}}"

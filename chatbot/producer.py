@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from . import events
+from . import events, history
 from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError
 from .store import Store
@@ -41,6 +41,7 @@ class _Writer:
         self._inflight: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self.entries = 0
+        self.stored: list[str] = []  # the text appended so far, for the conversation's history
 
     def add(self, text: str) -> None:
         if self._inflight is not None and self._inflight.done():
@@ -55,6 +56,7 @@ class _Writer:
             text, pieces = "".join(self._pending), len(self._pending)
             self._pending.clear()
             await self._append(events.TOKEN, events.token_data(text))
+            self.stored.append(text)
             if self.entries == 1:
                 self._metrics.ttft.observe(time.monotonic() - self._started)
             self._metrics.tokens_relayed.inc(pieces)
@@ -117,9 +119,12 @@ class Producers:
     def active(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, session_id: str, messages: Sequence[Message]) -> None:
+    def spawn(self, session_id: str, messages: Sequence[Message], *, conversation_id: str | None = None) -> None:
+        """Start generating; with a conversation id, the turn joins that conversation's history when it ends."""
         cancel = self._cancels[session_id] = asyncio.Event()
-        task = asyncio.create_task(self._generate(session_id, messages, cancel), name=f"generate-{session_id}")
+        task = asyncio.create_task(
+            self._generate(session_id, messages, cancel, conversation_id), name=f"generate-{session_id}"
+        )
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._forget(session_id))
 
@@ -151,11 +156,16 @@ class Producers:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _generate(self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event) -> None:
+    async def _generate(
+        self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
+    ) -> None:
         writer = _Writer(self._store, session_id, cancel, self._metrics)
+        turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
             finish = await self._relay(messages, writer, cancel)
+            await writer.drain()
+            await self._remember(*turn, writer)
             await writer.finish(events.DONE, events.done_data(finish.finish_reason, _usage(finish)), _status(finish))
             outcome = finish.finish_reason
         except _Ended:
@@ -164,6 +174,9 @@ class Producers:
             outcome = f"upstream_error:{exc.code}"
             self._metrics.upstream_errors.labels(exc.code).inc()
             log.warning("session %s: provider error %s: %s", session_id, exc.code, exc.message)
+            with contextlib.suppress(_Ended, RedisError, OSError):
+                await asyncio.wait_for(writer.drain(), 2.0)
+            await self._remember(*turn, writer)
             await self._end_with_error(writer, exc.code, exc.message, retryable=exc.retryable)
         except asyncio.CancelledError:
             outcome = "server_shutdown"
@@ -220,6 +233,16 @@ class Producers:
             return Finish("stop")
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _remember(self, conversation_id: str | None, message: str, writer: _Writer) -> None:
+        """Add the turn to the history before the terminal event, so a reader who saw it can go on at once."""
+        text = "".join(writer.stored)
+        if not text or conversation_id is None:
+            return  # an answer with no text teaches the next turn nothing, and some APIs reject it
+        try:
+            await self._store.append_turn(conversation_id, history.Turn(message, text))
+        except (RedisError, OSError) as exc:
+            log.warning("conversation %s: history not saved: %s", conversation_id, exc)
 
     async def _end_with_error(self, writer: _Writer, code: str, message: str, *, retryable: bool) -> None:
         with contextlib.suppress(_Ended, RedisError, OSError, asyncio.CancelledError):

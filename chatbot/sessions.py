@@ -8,11 +8,10 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from . import events, ids
+from . import events, history, ids
 from .appkeys import METRICS, PRODUCERS, SETTINGS, STORE
 from .limits import client_address
 from .problems import Problem
-from .providers import Message
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -86,9 +85,12 @@ async def create(request: web.Request) -> web.Response:
             headers={"Retry-After": "1"},
         )
     await _rate_limit(request)
+    store = request.app[STORE]
+    turns = await store.history(conversation_id) if "conversation_id" in body else []
     session_id = ids.new_id()
-    await request.app[STORE].create_session(session_id, conversation_id, message)
-    request.app[PRODUCERS].spawn(session_id, [Message("user", message)])
+    await store.create_session(session_id, conversation_id, message)
+    messages = history.messages(request.app[SETTINGS].system_prompt, turns, message)
+    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id)
     events_url = f"/events/{session_id}"
     return web.json_response(
         {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-PROVIDERS = ("demo",)
+PROVIDERS = ("demo", "openai", "anthropic")
 
 
 class SettingsError(ValueError):
@@ -64,6 +64,29 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _model(env: Mapping[str, str], provider: str) -> str:
+    model = env.get("CHATBOT_MODEL", "").strip()
+    if provider != "demo" and not model:
+        raise SettingsError(f"CHATBOT_MODEL must name the model when CHATBOT_PROVIDER={provider}")
+    return model
+
+
+def _system_prompt(env: Mapping[str, str]) -> str:
+    """CHATBOT_SYSTEM_PROMPT, or the UTF-8 text of the file CHATBOT_SYSTEM_PROMPT_FILE names."""
+    prompt = env.get("CHATBOT_SYSTEM_PROMPT", "")
+    path = env.get("CHATBOT_SYSTEM_PROMPT_FILE", "").strip()
+    if not path:
+        return prompt.strip()
+    if prompt.strip():
+        raise SettingsError("set CHATBOT_SYSTEM_PROMPT or CHATBOT_SYSTEM_PROMPT_FILE, not both")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise SettingsError(f"CHATBOT_SYSTEM_PROMPT_FILE {path!r} cannot be read as UTF-8 text: {reason}") from None
+
+
 def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
 
@@ -93,6 +116,14 @@ class Settings:
     sse_retry_ms: int = 1000
     lease_ttl_seconds: float = 5.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    model: str = ""
+    max_output_tokens: int | None = None
+    upstream_idle_timeout_seconds: float = 120.0
+    upstream_max_retries: int = 2
+    system_prompt: str = ""
+    history_ttl_seconds: int = 7 * 86400
+    history_max_turns: int = 20
+    history_max_chars: int = 100_000
     shutdown_grace_seconds: float = 30.0
     rate_limit: int = 30
     rate_window_seconds: int = 60
@@ -106,6 +137,7 @@ class Settings:
         """Read CHATBOT_* variables; a bad value raises SettingsError naming the variable."""
         env = os.environ if env is None else env
         d = cls()
+        provider = _parse(env, "CHATBOT_PROVIDER", d.provider, _provider, f"one of {', '.join(PROVIDERS)}")
         return cls(
             host=env.get("CHATBOT_HOST", "").strip() or d.host,
             port=_parse(env, "CHATBOT_PORT", d.port, _int_in(0, 65535), "an integer 0-65535"),
@@ -113,7 +145,7 @@ class Settings:
             redis_pool_size=_parse(
                 env, "CHATBOT_REDIS_POOL_SIZE", d.redis_pool_size, _int_in(2, 1000), "an integer 2-1000"
             ),
-            provider=_parse(env, "CHATBOT_PROVIDER", d.provider, _provider, f"one of {', '.join(PROVIDERS)}"),
+            provider=provider,
             demo_tokens_per_second=_parse(
                 env, "CHATBOT_DEMO_TOKENS_PER_SECOND", d.demo_tokens_per_second, _positive_float, "a number > 0"
             ),
@@ -140,6 +172,34 @@ class Settings:
                 env, "CHATBOT_LEASE_TTL_SECONDS", d.lease_ttl_seconds, _positive_float, "seconds > 0"
             ),
             cors_origins=_parse(env, "CHATBOT_CORS_ORIGINS", d.cors_origins, _origins, "comma-separated origins"),
+            model=_model(env, provider),
+            max_output_tokens=_parse(
+                env, "CHATBOT_MAX_OUTPUT_TOKENS", d.max_output_tokens, _int_in(1, 10_000_000), "an integer >= 1"
+            ),
+            upstream_idle_timeout_seconds=_parse(
+                env,
+                "CHATBOT_UPSTREAM_IDLE_TIMEOUT_SECONDS",
+                d.upstream_idle_timeout_seconds,
+                _positive_float,
+                "seconds > 0",
+            ),
+            upstream_max_retries=_parse(
+                env, "CHATBOT_UPSTREAM_MAX_RETRIES", d.upstream_max_retries, _int_in(0, 20), "an integer 0-20"
+            ),
+            system_prompt=_system_prompt(env),
+            history_ttl_seconds=_parse(
+                env,
+                "CHATBOT_HISTORY_TTL_SECONDS",
+                d.history_ttl_seconds,
+                _int_in(1, 365 * 86400),
+                "seconds, 1-31536000",
+            ),
+            history_max_turns=_parse(
+                env, "CHATBOT_HISTORY_MAX_TURNS", d.history_max_turns, _int_in(0, 10_000), "an integer 0-10000"
+            ),
+            history_max_chars=_parse(
+                env, "CHATBOT_HISTORY_MAX_CHARS", d.history_max_chars, _int_in(0, 100_000_000), "an integer >= 0"
+            ),
             shutdown_grace_seconds=_parse(
                 env, "CHATBOT_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, _positive_float, "seconds > 0"
             ),

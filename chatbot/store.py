@@ -16,7 +16,8 @@ import fakeredis
 import redis.asyncio as aioredis
 from fakeredis.aioredis import FakeAsyncRedisConnection
 
-from . import events, keys
+from . import events, history, keys
+from .history import Turn
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,27 @@ return state[2] or ''
 """
 
 
+# KEYS: history.  ARGV: encoded turn, max turns, max chars, ttl.
+# Appends a turn, then drops the oldest until both caps hold; returns how many turns remain.
+_APPEND_TURN = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+local turns = redis.call('LRANGE', KEYS[1], 0, -1)
+local budget, keep = tonumber(ARGV[3]), 0
+for i = #turns, 1, -1 do
+  budget = budget - tonumber(string.match(turns[i], '^%d+'))
+  if budget < 0 then break end
+  keep = keep + 1
+end
+if keep == 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('LTRIM', KEYS[1], -keep, -1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return keep
+"""
+
 # KEYS: counter.  ARGV: window ms.  A fixed window: returns {count so far, ms until it resets}.
 _RATE = """
 local count = redis.call('INCR', KEYS[1])
@@ -170,6 +192,10 @@ class Store:
         self._fail_orphan = redis.register_script(_FAIL_ORPHAN)
         self._cancel = redis.register_script(_CANCEL)
         self._renew = redis.register_script(_RENEW)
+        self._append_turn = redis.register_script(_APPEND_TURN)
+        self._history_ttl = settings.history_ttl_seconds
+        self._history_turns = settings.history_max_turns
+        self._history_chars = settings.history_max_chars
         self._rate = redis.register_script(_RATE)
 
     async def ping(self) -> bool:
@@ -201,7 +227,27 @@ class Store:
         return int(count), int(ttl_ms) / 1000
 
     async def conversation_exists(self, conversation_id: str) -> bool:
-        return bool(await self.redis.exists(keys.conversation(conversation_id)))
+        """True while its last session or its history lives (they share a hash tag, so one EXISTS)."""
+        return bool(await self.redis.exists(keys.conversation(conversation_id), keys.history(conversation_id)))
+
+    async def history(self, conversation_id: str) -> list[Turn]:
+        """The conversation's kept turns, oldest first."""
+        raw: list[str] = await self.redis.lrange(keys.history(conversation_id), 0, -1)  # type: ignore[assignment]
+        return [history.decode(item) for item in raw]
+
+    async def append_turn(self, conversation_id: str, turn: Turn) -> int:
+        """Add a turn, dropping the oldest beyond the turn and character caps; how many turns remain."""
+        if self._history_turns == 0 or turn.chars > self._history_chars:
+            return await self._drop_history(conversation_id)
+        kept: int = await self._append_turn(
+            keys=[keys.history(conversation_id)],
+            args=[history.encode(turn), self._history_turns, self._history_chars, self._history_ttl],
+        )
+        return kept
+
+    async def _drop_history(self, conversation_id: str) -> int:
+        await self.redis.delete(keys.history(conversation_id))
+        return 0
 
     async def session(self, session_id: str) -> SessionMeta | None:
         raw: dict[str, str] = await self.redis.hgetall(keys.meta(session_id))  # type: ignore[assignment]
