@@ -1,0 +1,221 @@
+"""The benchmark: `python -m bench [--quick]` (or `make bench`). Prints a table, writes bench/out/.
+
+The harness starts its own redis-server (free port, no persistence), the paced fake upstream, and each
+server under test as a subprocess: the service (`python -m chatbot serve`, CHATBOT_PROVIDER=openai at the
+fake) and then the baseline (bench/baseline.py). The server gets one core; this load generator, the
+upstream and Redis share the other. Everything listens on 127.0.0.1 and is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import client, profile, report, scenarios
+from .procs import Cores, RedisServer, Server, Upstream, machine, raise_nofile
+from .scenarios import Env
+from .upstream import Script
+
+OUT = Path(__file__).resolve().parent / "out"
+TARGETS = ("service", "baseline")
+SCENARIOS = ("ttft", "relay", "streams", "resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of one benchmark run; `QUICK` and `FULL` below, any field overridable on the command line."""
+
+    runs: int = 3  # repeats of ttft, the 5k relay point and resume; medians are quoted
+    ttft_runs: int = 1000
+    ttft_delay: float = 0.010
+    rates: tuple[float, ...] = (1000, 2500, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
+    per_session: float = 50.0  # tokens/s of one answer
+    step_seconds: float = 5.0
+    step_warm: float = 1.5
+    p99_limit_ms: float = 25.0
+    streams: int = 10_000
+    stream_sessions: int = 900  # the service opens at most 1,000 upstream connections (transport.py)
+    open_rate: float = 800.0  # new streams per second
+    resume_sessions: int = 200
+    resume_arrival: float = 40.0  # new answers per second
+    resume_tokens: int = 150
+    resume_rate: float = 50.0
+    resume_drop_mean: float = 0.6  # seconds between drops, exponential
+    profile_rate: float = 20000.0
+    profile_seconds: float = 8.0
+
+
+FULL = Config()
+QUICK = Config(
+    runs=1,
+    ttft_runs=150,
+    rates=(1000, 5000, 10000, 20000),
+    step_seconds=3.0,
+    step_warm=1.0,
+    streams=1000,
+    stream_sessions=200,
+    resume_sessions=40,
+    resume_arrival=20.0,
+    resume_tokens=100,
+    profile_seconds=4.0,
+)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _server(kind: str, cores: Cores, redis: RedisServer, upstream: Upstream) -> Iterator[Server]:
+    """A fresh server per measurement, so that one's leftovers (memory, tasks) never colour the next."""
+    redis.flush()
+    server = Server(kind, cores=cores.service, out=OUT, redis_url=redis.url, upstream=upstream.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+        redis.flush()
+
+
+async def _median_runs(name: str, runs: int, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run `measure` `runs` times; each numeric figure is the median over the runs, the runs are kept."""
+    results = []
+    for i in range(runs):
+        _log(f"  {name} run {i + 1}/{runs}")
+        results.append(await measure())
+    merged: dict[str, Any] = {"each": results}
+    for key, value in results[0].items():
+        if isinstance(value, int | float):
+            merged[key] = statistics.median(r[key] for r in results)
+    return merged
+
+
+async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[str], prof: bool) -> dict[str, Any]:
+    redis, upstream = env.redis, env.upstream
+    out: dict[str, Any] = {}
+
+    async def fresh(measure: Callable[[Server], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        with _server(kind, cores, redis, upstream) as server:
+            return await measure(server)
+
+    if "ttft" in only:
+        out["ttft"] = await _median_runs(
+            f"{kind} ttft", config.runs,
+            lambda: fresh(lambda s: scenarios.ttft(env, s, runs=config.ttft_runs, delay=config.ttft_delay)),
+        )  # fmt: skip
+    if "relay" in only:
+        _log(f"  {kind} relay ramp")
+        out["ramp"] = await fresh(
+            lambda s: scenarios.relay_ramp(
+                env, s, rates=list(config.rates), per_session=config.per_session,
+                seconds=config.step_seconds, warm=config.step_warm, limit_ms=config.p99_limit_ms,
+            )
+        )  # fmt: skip
+        step = {"per_session": config.per_session, "seconds": config.step_seconds, "warm": config.step_warm}
+        out["at_5k"] = await _median_runs(
+            f"{kind} relay at 5,000 tok/s", config.runs,
+            lambda: fresh(lambda s: scenarios.relay_step(env, s, rate=5000, **step)),
+        )  # fmt: skip
+    if "streams" in only:
+        _log(f"  {kind} open streams")
+        probe = {"rate": 1000.0, "per_session": config.per_session, "seconds": 3.0, "warm": 1.0}
+        out["streams"] = await fresh(
+            lambda s: scenarios.open_streams(
+                env, s, streams=config.streams, sessions=config.stream_sessions,
+                open_rate=config.open_rate, probe=probe,
+            )
+        )  # fmt: skip
+    if "resume" in only:
+        script = Script(tokens=config.resume_tokens, rate=config.resume_rate)
+        out["resume"] = await _median_runs(
+            f"{kind} resume", config.runs,
+            lambda: fresh(
+                lambda s: scenarios.resume(
+                    env, s, sessions=config.resume_sessions, arrival=config.resume_arrival,
+                    drop_mean=config.resume_drop_mean, script=script,
+                )
+            ),
+        )  # fmt: skip
+    if prof and kind == "service":
+        _log(f"  {kind} profile at {config.profile_rate:.0f} tok/s (py-spy)")
+        out["profile"] = await fresh(lambda s: profile.relay(env, s, config, OUT))
+    return out
+
+
+async def run(config: Config, *, targets: list[str], only: set[str], prof: bool, command: str) -> dict[str, Any]:
+    cores = Cores.pick()
+    os.sched_setaffinity(0, cores.load)
+    OUT.mkdir(exist_ok=True)
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": {**machine(), "service_core": sorted(cores.service), "load_cores": sorted(cores.load)},
+        "config": dataclasses.asdict(config),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "targets": {},
+    }
+    redis = RedisServer(cores=cores.load, out=OUT)
+    upstream = Upstream(cores=cores.load, out=OUT)
+    start = time.monotonic()
+    try:
+        async with client.session() as http:
+            env = Env(redis, upstream, http, _log)
+            for kind in targets:
+                _log(f"{kind}:")
+                results["targets"][kind] = await _target(kind, env, cores, config, only, prof)
+    finally:
+        upstream.stop()
+        redis.stop()
+    results["wall_seconds"] = time.monotonic() - start
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small numbers: about two minutes")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="service,baseline")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="ttft,relay,streams,resume")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="py-spy the service under load (default: on for the full run)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a Config field, e.g. --set streams=2000")  # fmt: skip
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+    for item in args.set:
+        name, _, raw = item.partition("=")
+        current = getattr(config, name)
+        value = tuple(float(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
+        config = dataclasses.replace(config, **{name: value})
+    prof = (not args.quick) if args.profile is None else args.profile
+    if prof and subprocess.run(["py-spy", "--version"], capture_output=True).returncode != 0:
+        _log("py-spy not found: no profile")
+        prof = False
+    raise_nofile()
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    coro = run(
+        config, targets=args.targets.split(","), only=set(args.only.split(",")), prof=prof, command=command.strip()
+    )
+    try:
+        import uvloop
+
+        results = uvloop.run(coro)
+    except ImportError:
+        results = asyncio.run(coro)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    table = report.table(results)
+    (OUT / "summary.md").write_text(table + "\n")
+    print(table)
+    with contextlib.suppress(ImportError):
+        report.plots(results, OUT)
+    return 0
