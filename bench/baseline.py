@@ -86,7 +86,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     # No connection cap: every blocked XREAD holds one connection of this pool.
-    app[REDIS] = aioredis.Redis.from_url(app[REDIS_URL], decode_responses=True)
+    app[REDIS] = aioredis.Redis.from_url(
+        app[REDIS_URL], decode_responses=True, max_connections=1_000_000, socket_timeout=None
+    )
     app[HTTP] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     app[TASKS] = set()
     yield

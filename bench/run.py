@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         value = tuple(float(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
         config = dataclasses.replace(config, **{name: value})
     prof = (not args.quick) if args.profile is None else args.profile
-    if prof and subprocess.run(["py-spy", "--version"], capture_output=True).returncode != 0:
+    if prof and profile.py_spy() is None:
         _log("py-spy not found: no profile")
         prof = False
     raise_nofile()
