@@ -31,7 +31,7 @@ def _short(path: str) -> str:
     return path
 
 
-def summarise(raw: str, top: int = 18) -> dict[str, Any]:
+def summarise(raw: str, top: int = 20) -> dict[str, Any]:
     """py-spy's collapsed stacks → self and inclusive shares of the samples per file:function."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -56,32 +56,43 @@ def summarise(raw: str, top: int = 18) -> dict[str, Any]:
     return {
         "samples": total,
         "self": [(name, n * share) for name, n in own.most_common(top)],
-        "inclusive": [(name, n * share) for name, n in inclusive.most_common(top * 3)],
+        "inclusive": [(name, n * share) for name, n in inclusive.most_common(200)],
     }
 
 
-async def relay(env: scenarios.Env, server: Server, config: Config, out: Path) -> dict[str, Any]:
-    """One relay step at `profile_rate` with py-spy attached for its measured window (sampling, nonblocking)."""
+async def _record(server: Server, raw: Path, *, after: float, seconds: float) -> dict[str, Any]:
+    """py-spy (sampling, nonblocking) on the server from `after` seconds from now, for `seconds`."""
     binary = py_spy()
     if binary is None:
         return {"error": "py-spy not found"}
-    raw = out / "profile.txt"
-    raw.unlink(missing_ok=True)
+    await asyncio.sleep(after)
+    spy = await asyncio.create_subprocess_exec(
+        binary, "record", "--nonblocking", "--rate", "250", "--format", "raw", "--duration", str(int(seconds)),
+        "--pid", str(server.pid), "--output", str(raw),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    code = await spy.wait()  # py-spy replaces any earlier output file
+    return summarise(text) if (text := _read(raw)) is not None else {"error": f"py-spy exited {code}"}
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+async def relay(env: scenarios.Env, server: Server, config: Config, out: Path, rate: float) -> dict[str, Any]:
+    """One relay step at `rate`, py-spy attached for its measured window."""
     seconds, warm = config.profile_seconds, 2.0
-
-    async def attach_after_warm_up() -> int:
-        await asyncio.sleep(0.2 + 1.0 + warm)  # relay_step's start, its ramp of answers, then warm-up
-        spy = await asyncio.create_subprocess_exec(
-            binary, "record", "--nonblocking", "--rate", "250", "--format", "raw", "--duration", str(int(seconds)),
-            "--pid", str(server.pid), "--output", str(raw),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        return await spy.wait()
-
-    spying = asyncio.create_task(attach_after_warm_up())
+    # relay_step's start, its ramp of answers, then warm-up
+    spying = asyncio.create_task(_record(server, out / "profile-relay.txt", after=0.2 + 1.0 + warm, seconds=seconds))
     step = await scenarios.relay_step(
-        env, server, rate=config.profile_rate, per_session=config.per_session, seconds=seconds + warm + 1, warm=warm
+        env, server, rate=rate, per_session=config.per_session, seconds=seconds + warm + 1, warm=warm
     )
-    code = await spying
-    summary = summarise(raw.read_text()) if raw.exists() else {"error": f"py-spy exited {code}"}
-    return {"step": step, **summary}
+    return {"step": step, **await spying}
+
+
+async def ttft(env: scenarios.Env, server: Server, config: Config, out: Path) -> dict[str, Any]:
+    """Answers one after the other, as in the TTFT measurement: where a session's set-up time goes."""
+    seconds = config.profile_seconds
+    spying = asyncio.create_task(_record(server, out / "profile-ttft.txt", after=1.0, seconds=seconds))
+    measured = await scenarios.ttft(env, server, runs=int(seconds * 60) + 60, delay=config.ttft_delay)
+    return {"added_p50": measured["added_p50"], **await spying}

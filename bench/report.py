@@ -63,6 +63,8 @@ ROWS: list[Row] = [
     ("Redis commands per token at 5k tok/s", _get("at_5k", "commands_per_token"), "≤ 0.2", lambda v: v <= 0.2, False),
     ("open streams held", _get("streams", "streams"), "10,000", lambda v: v >= 10_000, True),
     ("  memory per stream (KiB)", _get("streams", "kib_per_stream"), "≤ 16", lambda v: v <= 16, False),
+    ("    of which per answer, ÷ answers (KiB)", _get("streams", "kib_per_session"), "", None, False),
+    ("    of which per reader, ÷ streams (KiB)", _get("streams", "kib_per_reader"), "", None, False),
     ("  Redis connections", _get("streams", "redis_connections"), "≤ 3", lambda v: v <= 3, False),
     ("  probe p99 with no streams (ms)", _get("streams", "probe_before_p99"), "", None, False),
     ("  probe p99 with all streams open (ms)", _get("streams", "probe_during_p99"), "holds", None, False),
@@ -126,16 +128,29 @@ def table(results: dict[str, Any]) -> str:
     prof = service.get("profile")
     if prof and "self" in prof:
         step = prof["step"]
-        lines += [
-            "",
-            f"Service profile (py-spy, {prof['samples']} samples) at {step['offered']:,.0f} tok/s offered "
-            f"({step['achieved']:,.0f} achieved, p99 {step['p99']:.1f} ms):",
-            "",
-            "| self % | file:function |",
-            "|---:|---|",
-        ]
-        lines += [f"| {share:.1f} | `{name}` |" for name, share in prof["self"]]
+        title = (
+            f"Service profile under relay load (py-spy, {prof['samples']} samples) at {step['offered']:,.0f} tok/s "
+            f"offered ({step['achieved']:,.0f} achieved, p99 {step['p99']:.1f} ms)"
+        )
+        lines += _profile(title, prof)
+    prof = service.get("profile_ttft")
+    if prof and "self" in prof:
+        title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
+        lines += _profile(title, prof)
     return "\n".join(lines)
+
+
+def _profile(title: str, prof: dict[str, Any], top: int = 14) -> list[str]:
+    inclusive = [(n, v) for n, v in prof["inclusive"] if "chatbot/" in n or "aiohttp_sse" in n or "openai/" in n]
+    lines = ["", title + ":", "", "| self % | file:function | | incl. % | file:function (chatbot, openai) |"]
+    lines.append("|---:|---|---|---:|---|")
+    for i in range(top):
+        own = prof["self"][i] if i < len(prof["self"]) else ("", 0.0)
+        inc = inclusive[i] if i < len(inclusive) else ("", 0.0)
+        lines.append(
+            f"| {own[1]:.1f} | `{own[0]}` | | {inc[1]:.1f} | `{inc[0]}` |" if own[0] or inc[0] else "| | | | | |"
+        )
+    return lines
 
 
 def plots(results: dict[str, Any], out: Path) -> Path:
@@ -160,10 +175,12 @@ def plots(results: dict[str, Any], out: Path) -> Path:
     relay.axhline(25, color="grey", lw=0.8, ls=":")
     relay.set(xlabel="relayed tokens/s (one core)", ylabel="upstream → client latency (ms)", yscale="log")
     relay.set_title("Relay latency under open-loop load")
-    relay.legend(fontsize=8)
+    if relay.get_legend_handles_labels()[0]:
+        relay.legend(fontsize=8)
     ttft.set(xlabel="added time to first token (ms)", ylabel="fraction of runs", xscale="log")
     ttft.set_title("Added TTFT (through the server − direct)")
-    ttft.legend(fontsize=8)
+    if ttft.get_legend_handles_labels()[0]:
+        ttft.legend(fontsize=8)
     fig.tight_layout()
     path = out / "bench.png"
     fig.savefig(path, dpi=80)

@@ -37,7 +37,7 @@ class Config:
     """Sizes of one benchmark run; `QUICK` and `FULL` below, any field overridable on the command line."""
 
     runs: int = 3  # repeats of ttft, the 5k relay point and resume; medians are quoted
-    ttft_runs: int = 1000
+    ttft_runs: int = 1000  # per run; 20 more warm up first
     ttft_delay: float = 0.010
     rates: tuple[float, ...] = (1000, 2500, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
     per_session: float = 50.0  # tokens/s of one answer
@@ -64,10 +64,10 @@ QUICK = Config(
     step_seconds=3.0,
     step_warm=1.0,
     streams=1000,
-    stream_sessions=200,
-    resume_sessions=40,
+    stream_sessions=100,
+    resume_sessions=30,
     resume_arrival=20.0,
-    resume_tokens=100,
+    resume_tokens=80,
     profile_seconds=4.0,
 )
 
@@ -88,11 +88,13 @@ def _server(kind: str, cores: Cores, redis: RedisServer, upstream: Upstream) -> 
         redis.flush()
 
 
-async def _median_runs(name: str, runs: int, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """Run `measure` `runs` times; each numeric figure is the median over the runs, the runs are kept."""
-    results = []
-    for i in range(runs):
-        _log(f"  {name} run {i + 1}/{runs}")
+async def _median_runs(
+    name: str, runs: int, measure: Callable[[], Awaitable[dict[str, Any]]], done: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`done` and `runs` more runs of `measure`; each numeric figure is the median over them, the runs are kept."""
+    results = list(done or [])
+    for _ in range(runs):
+        _log(f"  {name} run {len(results) + 1}/{runs + len(done or [])}")
         results.append(await measure())
     merged: dict[str, Any] = {"each": results}
     for key, value in results[0].items():
@@ -105,9 +107,12 @@ async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[s
     redis, upstream = env.redis, env.upstream
     out: dict[str, Any] = {}
 
-    async def fresh(measure: Callable[[Server], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def fresh(measure: Callable[[Server], Awaitable[Any]]) -> Any:
+        started = time.monotonic()
         with _server(kind, cores, redis, upstream) as server:
-            return await measure(server)
+            result = await measure(server)
+        _log(f"    ({time.monotonic() - started:.0f} s)")
+        return result
 
     if "ttft" in only:
         out["ttft"] = await _median_runs(
@@ -123,9 +128,11 @@ async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[s
             )
         )  # fmt: skip
         step = {"per_session": config.per_session, "seconds": config.step_seconds, "warm": config.step_warm}
+        in_ramp = [s for s in out["ramp"] if s["offered"] == 5000]
         out["at_5k"] = await _median_runs(
-            f"{kind} relay at 5,000 tok/s", config.runs,
+            f"{kind} relay at 5,000 tok/s", config.runs - len(in_ramp),
             lambda: fresh(lambda s: scenarios.relay_step(env, s, rate=5000, **step)),
+            done=in_ramp,
         )  # fmt: skip
     if "streams" in only:
         _log(f"  {kind} open streams")
@@ -148,8 +155,13 @@ async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[s
             ),
         )  # fmt: skip
     if prof and kind == "service":
-        _log(f"  {kind} profile at {config.profile_rate:.0f} tok/s (py-spy)")
-        out["profile"] = await fresh(lambda s: profile.relay(env, s, config, OUT))
+        # Where the CPU goes at the rate the server could no longer keep up with.
+        broke = [s["offered"] for s in out.get("ramp", [])[-1:] if s["p99"] > config.p99_limit_ms]
+        rate = min([config.profile_rate, *broke])
+        _log(f"  {kind} profile at {rate:.0f} tok/s (py-spy)")
+        out["profile"] = await fresh(lambda s: profile.relay(env, s, config, OUT, rate))
+        _log(f"  {kind} profile of sequential answers (py-spy)")
+        out["profile_ttft"] = await fresh(lambda s: profile.ttft(env, s, config, OUT))
     return out
 
 

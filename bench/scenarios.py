@@ -289,6 +289,8 @@ async def open_streams(
     rss0, conns0 = server.rss_bytes(), env.redis.service_connections()
     idle, slow = Script(tokens=0, hold=True), Script(tokens=1000, rate=0.5, hold=True)
     sids = [await client.start(env.http, server.url, slow if i % 2 else idle) for i in range(sessions)]
+    await asyncio.sleep(1.0)
+    rss_sessions = server.rss_bytes()
     readers = _Readers()
     t0 = time.monotonic()
     tasks = [
@@ -316,6 +318,8 @@ async def open_streams(
         "rss_before_mib": rss0 / 2**20,
         "rss_after_mib": rss1 / 2**20,
         "kib_per_stream": (rss1 - rss0) / 1024 / max(1, readers.opened),
+        "kib_per_session": (rss_sessions - rss0) / 1024 / sessions,
+        "kib_per_reader": (rss1 - rss_sessions) / 1024 / max(1, readers.opened),
         "redis_connections": conns1,
         "redis_connections_before": conns0,
         "open_files": files,
