@@ -44,9 +44,11 @@ class Config:
     step_seconds: float = 5.0
     step_warm: float = 1.5
     p99_limit_ms: float = 25.0
+    latency_rate: float = 5000.0  # the rate of the "p99 at 5k tokens/s" target
     streams: int = 10_000
     stream_sessions: int = 900  # the service opens at most 1,000 upstream connections (transport.py)
     open_rate: float = 800.0  # new streams per second
+    probe_seconds: float = 4.0  # active answers at 1,000 tokens/s, before and while the streams are open
     resume_sessions: int = 200
     resume_arrival: float = 40.0  # new answers per second
     resume_tokens: int = 150
@@ -77,10 +79,10 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _server(kind: str, cores: Cores, redis: RedisServer, upstream: Upstream) -> Iterator[Server]:
+def _server(kind: str, cores: Cores, redis: RedisServer, upstream: Upstream, out: Path) -> Iterator[Server]:
     """A fresh server per measurement, so that one's leftovers (memory, tasks) never colour the next."""
     redis.flush()
-    server = Server(kind, cores=cores.service, out=OUT, redis_url=redis.url, upstream=upstream.url)
+    server = Server(kind, cores=cores.service, out=out, redis_url=redis.url, upstream=upstream.url)
     try:
         yield server
     finally:
@@ -103,13 +105,15 @@ async def _median_runs(
     return merged
 
 
-async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[str], prof: bool) -> dict[str, Any]:
+async def _target(
+    kind: str, env: Env, cores: Cores, config: Config, *, only: set[str], prof: bool, out_dir: Path
+) -> dict[str, Any]:
     redis, upstream = env.redis, env.upstream
     out: dict[str, Any] = {}
 
     async def fresh(measure: Callable[[Server], Awaitable[Any]]) -> Any:
         started = time.monotonic()
-        with _server(kind, cores, redis, upstream) as server:
+        with _server(kind, cores, redis, upstream, out_dir) as server:
             result = await measure(server)
         _log(f"    ({time.monotonic() - started:.0f} s)")
         return result
@@ -128,15 +132,15 @@ async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[s
             )
         )  # fmt: skip
         step = {"per_session": config.per_session, "seconds": config.step_seconds, "warm": config.step_warm}
-        in_ramp = [s for s in out["ramp"] if s["offered"] == 5000]
+        in_ramp = [s for s in out["ramp"] if s["offered"] == config.latency_rate]
         out["at_5k"] = await _median_runs(
-            f"{kind} relay at 5,000 tok/s", config.runs - len(in_ramp),
-            lambda: fresh(lambda s: scenarios.relay_step(env, s, rate=5000, **step)),
+            f"{kind} relay at {config.latency_rate:,.0f} tok/s", config.runs - len(in_ramp),
+            lambda: fresh(lambda s: scenarios.relay_step(env, s, rate=config.latency_rate, **step)),
             done=in_ramp,
         )  # fmt: skip
     if "streams" in only:
         _log(f"  {kind} open streams")
-        probe = {"rate": 1000.0, "per_session": config.per_session, "seconds": 3.0, "warm": 1.0}
+        probe = {"rate": 1000.0, "per_session": config.per_session, "seconds": config.probe_seconds, "warm": 1.0}
         out["streams"] = await fresh(
             lambda s: scenarios.open_streams(
                 env, s, streams=config.streams, sessions=config.stream_sessions,
@@ -159,16 +163,17 @@ async def _target(kind: str, env: Env, cores: Cores, config: Config, only: set[s
         broke = [s["offered"] for s in out.get("ramp", [])[-1:] if s["p99"] > config.p99_limit_ms]
         rate = min([config.profile_rate, *broke])
         _log(f"  {kind} profile at {rate:.0f} tok/s (py-spy)")
-        out["profile"] = await fresh(lambda s: profile.relay(env, s, config, OUT, rate))
+        out["profile"] = await fresh(lambda s: profile.relay(env, s, config, out_dir, rate))
         _log(f"  {kind} profile of sequential answers (py-spy)")
-        out["profile_ttft"] = await fresh(lambda s: profile.ttft(env, s, config, OUT))
+        out["profile_ttft"] = await fresh(lambda s: profile.ttft(env, s, config, out_dir))
     return out
 
 
-async def run(config: Config, *, targets: list[str], only: set[str], prof: bool, command: str) -> dict[str, Any]:
+async def run(
+    config: Config, *, targets: list[str], only: set[str], prof: bool, command: str, out: Path
+) -> dict[str, Any]:
     cores = Cores.pick()
     os.sched_setaffinity(0, cores.load)
-    OUT.mkdir(exist_ok=True)
     results: dict[str, Any] = {
         "command": command,
         "machine": {**machine(), "service_core": sorted(cores.service), "load_cores": sorted(cores.load)},
@@ -176,15 +181,15 @@ async def run(config: Config, *, targets: list[str], only: set[str], prof: bool,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "targets": {},
     }
-    redis = RedisServer(cores=cores.load, out=OUT)
-    upstream = Upstream(cores=cores.load, out=OUT)
+    redis = RedisServer(cores=cores.load, out=out)
+    upstream = Upstream(cores=cores.load, out=out)
     start = time.monotonic()
     try:
         async with client.session() as http:
             env = Env(redis, upstream, http, _log)
             for kind in targets:
                 _log(f"{kind}:")
-                results["targets"][kind] = await _target(kind, env, cores, config, only, prof)
+                results["targets"][kind] = await _target(kind, env, cores, config, only=only, prof=prof, out_dir=out)
     finally:
         upstream.stop()
         redis.stop()
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SCENARIOS), help="ttft,relay,streams,resume")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy the service under load (default: on for the full run)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=OUT, help="where results, plots and logs go (bench/out)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Config field, e.g. --set streams=2000")  # fmt: skip
     args = parser.parse_args(argv)
@@ -213,20 +219,20 @@ def main(argv: list[str] | None = None) -> int:
         _log("py-spy not found: no profile")
         prof = False
     raise_nofile()
+    args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    coro = run(
-        config, targets=args.targets.split(","), only=set(args.only.split(",")), prof=prof, command=command.strip()
-    )
+    targets, only = args.targets.split(","), set(args.only.split(","))
+    coro = run(config, targets=targets, only=only, prof=prof, command=command.strip(), out=args.out)
     try:
         import uvloop
 
         results = uvloop.run(coro)
     except ImportError:
         results = asyncio.run(coro)
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = report.table(results)
-    (OUT / "summary.md").write_text(table + "\n")
+    (args.out / "summary.md").write_text(table + "\n")
     print(table)
     with contextlib.suppress(ImportError):
-        report.plots(results, OUT)
+        report.plots(results, args.out)
     return 0

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from . import client
 from .procs import RedisServer, Server, Upstream
@@ -28,8 +27,15 @@ SCRIPT_ONLY = {"service": ("hmget", "xadd", "publish", "hget", "rpush", "ltrim",
 HARNESS = ("info", "client|list", "client|setname", "flushall", "ping")
 
 
-def pct(values: list[float] | np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile, interpolated between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass
@@ -115,7 +121,7 @@ async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str
         if i >= 20:  # the first runs warm connections and imports
             direct.append(d * 1e3)
             served.append(s * 1e3)
-    added = np.array(served) - np.array(direct)
+    added = [s - d for s, d in zip(served, direct, strict=True)]
     return {
         "samples": runs,
         "delay_ms": delay * 1e3,
@@ -124,7 +130,7 @@ async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str
         "served_p99": pct(served, 99),
         "added_p50": pct(added, 50),
         "added_p99": pct(added, 99),
-        "added": added.tolist(),
+        "added": added,
     }
 
 
@@ -173,9 +179,13 @@ async def _relay_session(env: Env, server: Server, script: Script, at: float, st
 
 
 async def relay_step(
-    env: Env, server: Server, *, rate: float, per_session: float, seconds: float, warm: float, ramp: float = 1.0
+    env: Env, server: Server, *, rate: float, per_session: float, seconds: float, warm: float
 ) -> dict[str, Any]:
-    """Offer `rate` tokens/s as rate/per_session concurrent answers for `seconds`; measure after `warm`."""
+    """Offer `rate` tokens/s as rate/per_session concurrent answers for `seconds`; measure after `warm`.
+
+    The answers start evenly over the first second (or `warm`, if shorter), at fixed times.
+    """
+    ramp = min(1.0, warm)
     sessions = max(1, round(rate / per_session))
     per = rate / sessions
     script = Script(tokens=int(per * (ramp + seconds + 0.5)), rate=per)
@@ -195,16 +205,15 @@ async def relay_step(
     used = counters.end()
     late = await _upstream(env, "stats")
     await asyncio.gather(*tasks)
-    env.redis.flush()
     tokens = stats.in_window
-    lat = np.array(stats.latencies) / MS
+    lat = [ns / MS for ns in stats.latencies]
     return {
         "offered": rate,
         "sessions": sessions,
         "achieved": tokens / used["wall"],
         "p50": pct(lat, 50),
         "p99": pct(lat, 99),
-        "max": float(lat.max()) if len(lat) else float("nan"),
+        "max": max(lat, default=float("nan")),
         "tokens_per_cpu_s": tokens / used["cpu"] if used["cpu"] else float("inf"),
         "service_core_busy": used["cpu"] / used["wall"],
         "commands_per_token": used["commands"] / tokens if tokens else float("nan"),
@@ -283,7 +292,7 @@ async def open_streams(
     env: Env, server: Server, *, streams: int, sessions: int, open_rate: float, probe: dict[str, float]
 ) -> dict[str, Any]:
     """Ramp idle and slow streams up to `streams`; memory, Redis connections, and an active probe's latency."""
-    await relay_step(env, server, rate=200, per_session=50, seconds=1.0, warm=0.2)  # warm imports and pools
+    await relay_step(env, server, rate=200, per_session=50, seconds=0.5, warm=0.2)  # warm imports and pools
     before = await relay_step(env, server, **probe)
     gc.collect()
     rss0, conns0 = server.rss_bytes(), env.redis.service_connections()
@@ -309,7 +318,6 @@ async def open_streams(
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
     for task in tasks:
         task.cancel()
-    env.redis.flush()
     return {
         "streams": readers.opened,
         "failed": readers.failed,

@@ -9,8 +9,8 @@ and reported (`/control/stats`), so that a saturated load generator is seen, not
 
 A raw asyncio protocol (chunked HTTP/1.1, keep-alive) instead of aiohttp's server keeps the load
 generator's CPU per token to one `transport.write`, so the core it shares with the client lasts longer.
-`POST /control/release` ends every held answer (`hold`: the script's tokens are sent, then nothing until
-released), which is how the open-streams scenario lets 10,000 streams go.
+`POST /control/release` ends every answer now, whether held (`hold`: after its tokens, nothing until
+released) or still sending, which is how the open-streams scenario lets 10,000 streams go.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class _Answer:
         self.start = time.monotonic() + script.delay  # uvloop's loop.time() has millisecond resolution
         self.seq = 0
         self.handle: asyncio.TimerHandle | None = None
+        conn.server.answers.add(self)
         conn.transport.write(HEAD)
         self._schedule()
 
@@ -92,9 +93,7 @@ class _Answer:
         if self.seq < self.script.tokens:
             due = self.start + self.seq / self.script.rate
             self.handle = self.loop.call_later(max(0.0, due - time.monotonic()), self._send)
-        elif self.script.hold:
-            self.conn.server.held.add(self)
-        else:
+        elif not self.script.hold:
             self.finish()
 
     def _send(self) -> None:
@@ -107,7 +106,7 @@ class _Answer:
         self._schedule()
 
     def finish(self) -> None:
-        self.conn.server.held.discard(self)
+        self.cancel()
         if not self.conn.transport.is_closing():
             self.conn.transport.write(chunk(DONE) + b"0\r\n\r\n")
         self.conn.answer = None
@@ -116,7 +115,7 @@ class _Answer:
     def cancel(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
-        self.conn.server.held.discard(self)
+        self.conn.server.answers.discard(self)
 
 
 class _Conn(asyncio.Protocol):
@@ -172,12 +171,12 @@ class Upstream:
     """The server: every connection and every held answer."""
 
     def __init__(self) -> None:
-        self.held: set[_Answer] = set()
+        self.answers: set[_Answer] = set()  # sending or held
         self.lateness: list[int] = []  # ns each token was written after its scheduled time
 
     def control(self, path: str) -> dict[str, Any]:
         if path == "/control/release":
-            released = list(self.held)
+            released = list(self.answers)
             for answer in released:
                 answer.finish()
             return {"released": len(released)}
