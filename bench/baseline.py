@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -39,8 +38,9 @@ async def create(request: web.Request) -> web.Response:
     body = await request.json()
     session_id = secrets.token_urlsafe(16)
     task = asyncio.create_task(_produce(request.app, session_id, str(body["message"])))
-    request.app[TASKS].add(task)
-    task.add_done_callback(request.app[TASKS].discard)
+    tasks: set[asyncio.Task[None]] = request.app[TASKS]
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
     return web.json_response({"id": session_id, "events_url": f"/events/{session_id}"}, status=201)
 
 
@@ -69,7 +69,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     await response.write(events.retry_field(1000))
     while True:
-        reply = await redis.xread({key: last}, count=512, block=BLOCK_MS)
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await redis.xread(  # type: ignore[assignment]
+            {key: last}, count=512, block=BLOCK_MS
+        )
         if not reply:
             await response.write(b": ping\r\n\r\n")
             continue
@@ -92,11 +94,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     app[TASKS] = set()
     yield
-    for task in app[TASKS]:
+    tasks: set[asyncio.Task[None]] = app[TASKS]
+    for task in tasks:
         task.cancel()
-    for task in list(app[TASKS]):
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    await asyncio.gather(*tasks, return_exceptions=True)
     await app[HTTP].close()
     await app[REDIS].aclose()
 

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, raw = item.partition("=")
         current = getattr(config, name)
-        value = tuple(float(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
+        value: Any = tuple(float(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
         config = dataclasses.replace(config, **{name: value})
     prof = (not args.quick) if args.profile is None else args.profile
     if prof and profile.py_spy() is None:
