@@ -103,6 +103,11 @@ class Proc:
         with open(f"/proc/{self.pid}/statm") as statm:
             return int(statm.read().split()[1]) * PAGE
 
+    def file_limit(self) -> int:
+        with open(f"/proc/{self.pid}/limits") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        return int(line.split()[3])
+
     def open_files(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
@@ -172,11 +177,16 @@ class Upstream(Proc):
 class Server(Proc):
     """The service or the baseline, serving on a free port."""
 
-    def __init__(self, kind: str, *, cores: set[int], out: Path, redis_url: str, upstream: str) -> None:
+    def __init__(
+        self, kind: str, *, cores: set[int], out: Path, redis_url: str, upstream: str, traced: Path | None = None
+    ) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        if kind == "service":
+        if kind == "service" and traced is not None:
+            argv = [sys.executable, "-m", "bench.traced_serve"]
+            env = {**_pythonpath(), **service_env(self.port, redis_url, upstream), "BENCH_SNAPSHOT_DIR": str(traced)}
+        elif kind == "service":
             argv = [sys.executable, "-m", "chatbot", "serve"]
             env = {**_pythonpath(), **service_env(self.port, redis_url, upstream)}
         else:

@@ -52,6 +52,8 @@ def _sum(a: Callable[[dict[str, Any]], float | None], b: Callable[[dict[str, Any
 ROWS: list[Row] = [
     ("added TTFT p50 (ms)", _get("ttft", "added_p50"), "≤ 2", lambda v: v <= 2, False),
     ("added TTFT p99 (ms)", _get("ttft", "added_p99"), "≤ 10", lambda v: v <= 10, False),
+    ("  p50 before the upstream wrote token 1 (ms)", _get("ttft", "added_before_upstream_p50"), "", None, False),
+    ("  p50 after the upstream wrote token 1 (ms)", _get("ttft", "added_after_upstream_p50"), "", None, False),
     ("relayed tokens/s, p99 ≤ 25 ms", _at_best("achieved"), "≥ 20,000", lambda v: v >= 20_000, True),
     ("  tokens per service CPU-second there", _at_best("tokens_per_cpu_s"), "", None, True),
     ("  Redis commands per token there", _at_best("commands_per_token"), "≤ 0.2", lambda v: v <= 0.2, False),

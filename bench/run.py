@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shlex
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ class Config:
     runs: int = 3  # repeats of ttft, the 5k relay point and resume; medians are quoted
     ttft_runs: int = 1000  # per run; 20 more warm up first
     ttft_delay: float = 0.010
-    rates: tuple[float, ...] = (1000, 2500, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
+    rates: tuple[float, ...] = (1000, 1500, 2000, 2500, 3500, 5000, 10000, 15000, 20000, 30000, 40000)
     per_session: float = 50.0  # tokens/s of one answer
     step_seconds: float = 5.0
     step_warm: float = 1.5
@@ -106,7 +109,15 @@ async def _median_runs(
 
 
 async def _target(
-    kind: str, env: Env, cores: Cores, config: Config, *, only: set[str], prof: bool, out_dir: Path
+    kind: str,
+    env: Env,
+    cores: Cores,
+    config: Config,
+    *,
+    only: set[str],
+    prof: bool,
+    trace_memory: bool,
+    out_dir: Path,
 ) -> dict[str, Any]:
     redis, upstream = env.redis, env.upstream
     out: dict[str, Any] = {}
@@ -141,9 +152,12 @@ async def _target(
     if "streams" in only:
         _log(f"  {kind} open streams")
         probe = {"rate": 1000.0, "per_session": config.per_session, "seconds": config.probe_seconds, "warm": 1.0}
+        # The baseline holds two sockets per stream (client, Redis) and needs the file limit for them.
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        streams = config.streams if kind == "service" else min(config.streams, (limit - 1000) // 2)
         out["streams"] = await fresh(
             lambda s: scenarios.open_streams(
-                env, s, streams=config.streams, sessions=config.stream_sessions,
+                env, s, streams=streams, sessions=config.stream_sessions,
                 open_rate=config.open_rate, probe=probe,
             )
         )  # fmt: skip
@@ -158,6 +172,22 @@ async def _target(
                 )
             ),
         )  # fmt: skip
+    if trace_memory and kind == "service":
+        _log(f"  {kind} memory of {config.streams:,} open streams, by line (tracemalloc)")
+        folder = out_dir / "snapshots"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        redis.flush()
+        traced = Server(
+            kind, cores=cores.service, out=out_dir, redis_url=redis.url, upstream=upstream.url, traced=folder
+        )
+        try:
+            out["memory"] = await scenarios.stream_memory(
+                env, traced, streams=config.streams, sessions=config.stream_sessions,
+                open_rate=config.open_rate / 4, folder=folder,
+            )  # fmt: skip
+        finally:
+            traced.stop()
     if prof and kind == "service":
         # Where the CPU goes at the rate the server could no longer keep up with.
         broke = [s["offered"] for s in out.get("ramp", [])[-1:] if s["p99"] > config.p99_limit_ms]
@@ -170,7 +200,14 @@ async def _target(
 
 
 async def run(
-    config: Config, *, targets: list[str], only: set[str], prof: bool, command: str, out: Path
+    config: Config,
+    *,
+    targets: list[str],
+    only: set[str],
+    prof: bool,
+    trace_memory: bool,
+    command: str,
+    out: Path,
 ) -> dict[str, Any]:
     cores = Cores.pick()
     os.sched_setaffinity(0, cores.load)
@@ -189,12 +226,18 @@ async def run(
             env = Env(redis, upstream, http, _log)
             for kind in targets:
                 _log(f"{kind}:")
-                results["targets"][kind] = await _target(kind, env, cores, config, only=only, prof=prof, out_dir=out)
+                results["targets"][kind] = await _target(
+                    kind, env, cores, config, only=only, prof=prof, trace_memory=trace_memory, out_dir=out
+                )
     finally:
         upstream.stop()
         redis.stop()
     results["wall_seconds"] = time.monotonic() - start
     return results
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="where results, plots and logs go (bench/out)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Config field, e.g. --set streams=2000")  # fmt: skip
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="also: heap growth per open stream by source line (tracemalloc, slow)")  # fmt: skip
+    parser.add_argument("--table", type=Path, metavar="RESULTS_JSON", help="only print the table of earlier results")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(report.table(json.loads(args.table.read_text())))
+        return 0
     config = QUICK if args.quick else FULL
     for item in args.set:
         name, _, raw = item.partition("=")
@@ -219,10 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         _log("py-spy not found: no profile")
         prof = False
     raise_nofile()
+    signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops every process the harness started
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     targets, only = args.targets.split(","), set(args.only.split(","))
-    coro = run(config, targets=targets, only=only, prof=prof, command=command.strip(), out=args.out)
+    coro = run(
+        config,
+        targets=targets,
+        only=only,
+        prof=prof,
+        trace_memory=args.trace_memory,
+        command=command.strip(),
+        out=args.out,
+    )
     try:
         import uvloop
 

@@ -7,10 +7,13 @@ import contextlib
 import gc
 import itertools
 import json
+import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -85,43 +88,52 @@ class Counters:
 # -- 1. added time to first token -------------------------------------------------------------
 
 
-async def _direct_first_token(env: Env, script: Script) -> float:
+async def _direct_first_token(env: Env, script: Script) -> tuple[float, float]:
+    """(seconds to the first token, of which after the upstream wrote it), reading the upstream directly."""
     body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": script.message()}]}
     start = time.perf_counter()
     first = None
     async with env.http.post(env.upstream.url + "/v1/chat/completions", json=body) as response:
         async for line in response.content:
             if first is None and b'"content":"' in line:
+                received = time.monotonic_ns()
                 first = time.perf_counter() - start
+                content = json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+                relay = (received - parse_tokens(content)[0][1]) / 1e9
     assert first is not None
-    return first
+    return first, relay
 
 
-async def _served_first_token(env: Env, server: Server, script: Script) -> float:
+async def _served_first_token(env: Env, server: Server, script: Script) -> tuple[float, float]:
+    """The same through the server: POST /sessions, then GET /events/<id>."""
     start = time.perf_counter()
     sid = await client.start(env.http, server.url, script)
     first = None
     async with client.events_request(env.http, server.url, sid) as response:
-        async for _, got in client.frames(response):
-            if first is None and any(f.event == "token" for f in got):
+        async for received, got in client.frames(response):
+            tokens = [f for f in got if f.event == "token"]
+            if first is None and tokens:
                 first = time.perf_counter() - start
+                relay = (received - parse_tokens(tokens[0].text())[0][1]) / 1e9
             if got[-1].event in ("done", "error"):
                 break
     assert first is not None
-    return first
+    return first, relay
 
 
 async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str, Any]:
     """Each run: the upstream directly, then through the server; added = the pair's difference."""
     script = Script(tokens=2, rate=1000.0, delay=delay)
-    direct, served = [], []
+    direct, served, relayed = [], [], []
     for i in range(runs + 20):
-        d = await _direct_first_token(env, script)
-        s = await _served_first_token(env, server, script)
+        d, d_relay = await _direct_first_token(env, script)
+        s, s_relay = await _served_first_token(env, server, script)
         if i >= 20:  # the first runs warm connections and imports
             direct.append(d * 1e3)
             served.append(s * 1e3)
+            relayed.append((s_relay - d_relay) * 1e3)
     added = [s - d for s, d in zip(served, direct, strict=True)]
+    before = [a - r for a, r in zip(added, relayed, strict=True)]
     return {
         "samples": runs,
         "delay_ms": delay * 1e3,
@@ -130,6 +142,10 @@ async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str
         "served_p99": pct(served, 99),
         "added_p50": pct(added, 50),
         "added_p99": pct(added, 99),
+        # the added time split at the upstream's write of the first token
+        "added_before_upstream_p50": pct(before, 50),
+        "added_after_upstream_p50": pct(relayed, 50),
+        "added_after_upstream_p99": pct(relayed, 99),
         "added": added,
     }
 
@@ -164,18 +180,24 @@ class _Relay:
 async def _relay_session(env: Env, server: Server, script: Script, at: float, stats: _Relay) -> None:
     await asyncio.sleep(max(0.0, at - time.monotonic()))
     try:
-        sid = await client.start(env.http, server.url, script)
-        seen = 0
-        async with client.events_request(env.http, server.url, sid) as response:
-            async for received, got in client.frames(response):
-                stats.take(received, got)
-                seen += sum(len(f.text().split()) for f in got if f.event == "token")
-                if got[-1].event in ("done", "error"):
-                    break
-        stats.gaps += script.tokens - seen
-    except (aiohttp.ClientError, client.RequestFailed, OSError) as exc:
+        # An answer that is not over 30 s after its last token was due counts as failed.
+        async with asyncio.timeout(script.tokens / script.rate + 30):
+            await _relay_answer(env, server, script, stats)
+    except (aiohttp.ClientError, client.RequestFailed, OSError, TimeoutError) as exc:
         stats.errors += 1
         env.log(f"    relay session failed: {exc!r}")
+
+
+async def _relay_answer(env: Env, server: Server, script: Script, stats: _Relay) -> None:
+    sid = await client.start(env.http, server.url, script)
+    seen = 0
+    async with client.events_request(env.http, server.url, sid) as response:
+        async for received, got in client.frames(response):
+            stats.take(received, got)
+            seen += sum(len(f.text().split()) for f in got if f.event == "token")
+            if got[-1].event in ("done", "error"):
+                break
+    stats.gaps += script.tokens - seen
 
 
 async def relay_step(
@@ -319,6 +341,8 @@ async def open_streams(
     for task in tasks:
         task.cancel()
     return {
+        "asked": streams,
+        "file_limit": server.file_limit(),
         "streams": readers.opened,
         "failed": readers.failed,
         "sessions": sessions,
@@ -352,44 +376,50 @@ class _Resume:
 
 async def _resumer(env: Env, server: Server, script: Script, at: float, drop_mean: float, out: _Resume) -> None:
     await asyncio.sleep(max(0.0, at - time.monotonic()))
-    rng = random.Random(at)
     seqs: list[int] = []
-    last: str | None = None
     try:
-        sid = await client.start(env.http, server.url, script)
-        ended = False
-        while not ended:
-            deadline = time.monotonic() + rng.expovariate(1 / drop_mean)
-            sent = time.monotonic_ns()
-            first = last is None
-            async with client.events_request(env.http, server.url, sid, last) as response:
-                if response.status == 204:
-                    break
-                if response.status != 200:
-                    raise client.RequestFailed(f"GET /events: {response.status}")
-                try:
-                    async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
-                        async for received, got in client.frames(response):
-                            if not first:
-                                out.first_event_ms.append((received - sent) / MS)
-                                first = True
-                            for frame in got:
-                                last = frame.id
-                                if frame.event == "token":
-                                    seqs.extend(seq for seq, _ in parse_tokens(frame.text()))
-                                elif frame.event in ("done", "error"):
-                                    ended = True
-                except TimeoutError:
-                    response.close()  # the drop: whatever was in flight is lost to this client
-            if not ended:
-                out.reconnects += 1
-                await asyncio.sleep(rng.uniform(0.1, 0.3))  # the answer grows meanwhile: a backlog to replay
-    except (aiohttp.ClientError, client.RequestFailed, OSError) as exc:
+        # An answer not over a minute after its last token was due counts as failed.
+        async with asyncio.timeout(script.tokens / script.rate + 60):
+            await _resume_answer(env, server, script, random.Random(at), drop_mean, out, seqs)
+    except (aiohttp.ClientError, client.RequestFailed, OSError, TimeoutError) as exc:
         out.errors += 1
         env.log(f"    resume session failed: {exc!r}")
         return
     out.duplicates += len(seqs) - len(set(seqs))
     out.gaps += script.tokens - len(set(seqs)) + sum(1 for a, b in itertools.pairwise(seqs) if b < a)
+
+
+async def _resume_answer(
+    env: Env, server: Server, script: Script, rng: random.Random, drop_mean: float, out: _Resume, seqs: list[int]
+) -> None:
+    """Read one answer, dropping the connection at random and resuming after the last id seen."""
+    sid = await client.start(env.http, server.url, script)
+    last: str | None = None
+    while True:
+        drop_in = rng.expovariate(1 / drop_mean)
+        sent = time.monotonic_ns()
+        first = last is None
+        async with client.events_request(env.http, server.url, sid, last) as response:
+            if response.status == 204:
+                return  # the last id seen was the terminal event's
+            if response.status != 200:
+                raise client.RequestFailed(f"GET /events: {response.status}")
+            try:
+                async with asyncio.timeout(drop_in):
+                    async for received, got in client.frames(response):
+                        if not first:
+                            out.first_event_ms.append((received - sent) / MS)
+                            first = True
+                        for frame in got:
+                            last = frame.id
+                            if frame.event == "token":
+                                seqs.extend(seq for seq, _ in parse_tokens(frame.text()))
+                            elif frame.event in ("done", "error"):
+                                return
+            except TimeoutError:
+                response.close()  # the drop: whatever was in flight is lost to this client
+        out.reconnects += 1
+        await asyncio.sleep(rng.uniform(0.1, 0.3))  # the answer grows meanwhile: a backlog to replay
 
 
 async def resume(
@@ -409,3 +439,60 @@ async def resume(
         "duplicates": out.duplicates,
         "errors": out.errors,
     }
+
+
+# -- memory of an open stream, by source line (tracemalloc; a separate, untimed run) --------------
+
+
+async def _snapshot(server: Server, folder: Path, index: int) -> Path:
+    """Ask the traced service for its `index`-th snapshot (it numbers them from 0) and wait for the file."""
+    os.kill(server.pid, signal.SIGUSR1)
+    for _ in range(600):
+        if _written(folder / f"{index}.done"):
+            return folder / f"{index}.snap"
+        await asyncio.sleep(0.1)  # the marker file is the only notice
+    raise RuntimeError("the traced service wrote no snapshot")
+
+
+async def stream_memory(
+    env: Env, server: Server, *, streams: int, sessions: int, open_rate: float, folder: Path, top: int = 25
+) -> dict[str, Any]:
+    """Heap growth per open stream, by the line that allocated it: which objects a reader costs."""
+    import tracemalloc
+
+    idle = Script(tokens=0, hold=True)
+    sids = [await client.start(env.http, server.url, idle) for _ in range(sessions)]
+    await asyncio.sleep(1.0)
+    before = await _snapshot(server, folder, 0)
+    readers = _Readers()
+    t0 = time.monotonic()
+    tasks = [
+        asyncio.create_task(_reader(env, server, sids[i % sessions], t0 + i / open_rate, readers, streams))
+        for i in range(streams)
+    ]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(readers.all_open.wait(), streams / open_rate + 120)
+    await asyncio.sleep(2.0)
+    after = await _snapshot(server, folder, 1)
+    await _upstream(env, "release")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    diff = tracemalloc.Snapshot.load(str(after)).compare_to(tracemalloc.Snapshot.load(str(before)), "lineno")
+    per = max(1, readers.opened)
+    total = sum(d.size_diff for d in diff)
+    lines = [
+        (f"{_short_path(d.traceback[0].filename)}:{d.traceback[0].lineno}", d.size_diff / per, d.count_diff / per)
+        for d in diff[:top]
+    ]
+    return {"streams": readers.opened, "traced_bytes_per_stream": total / per, "lines": lines}
+
+
+def _written(path: Path) -> bool:
+    return path.exists()
+
+
+def _short_path(path: str) -> str:
+    for marker in ("site-packages/", "lib/python3.11/", "wt-bench/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
