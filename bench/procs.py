@@ -178,7 +178,15 @@ class Server(Proc):
     """The service or the baseline, serving on a free port."""
 
     def __init__(
-        self, kind: str, *, cores: set[int], out: Path, redis_url: str, upstream: str, traced: Path | None = None
+        self,
+        kind: str,
+        *,
+        cores: set[int],
+        out: Path,
+        redis_url: str,
+        upstream: str,
+        traced: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.port = free_port()
@@ -193,6 +201,8 @@ class Server(Proc):
             argv = [sys.executable, "-m", "bench.baseline", "--port", str(self.port), "--redis", redis_url]
             argv += ["--upstream", upstream + "/v1"]
             env = _pythonpath()
+        if kind == "service":
+            env.update(extra_env or {})
         super().__init__(kind, argv, cores=cores, out=out, env=env)
         wait_until(self._ready, what=f"{kind} /readyz", proc=self)
 

@@ -52,9 +52,9 @@ class Config:
     stream_sessions: int = 900  # the service opens at most 1,000 upstream connections (transport.py)
     open_rate: float = 800.0  # new streams per second
     probe_seconds: float = 4.0  # active answers at 1,000 tokens/s, before and while the streams are open
-    resume_sessions: int = 200
-    resume_arrival: float = 40.0  # new answers per second
-    resume_tokens: int = 150
+    resume_sessions: int = 120
+    resume_arrival: float = 8.0  # new answers per second: about 16 at once, 800 tokens/s in all
+    resume_tokens: int = 100
     resume_rate: float = 50.0
     resume_drop_mean: float = 0.6  # seconds between drops, exponential
     profile_rate: float = 20000.0
@@ -71,8 +71,8 @@ QUICK = Config(
     streams=1000,
     stream_sessions=100,
     resume_sessions=30,
-    resume_arrival=20.0,
-    resume_tokens=80,
+    resume_arrival=8.0,
+    resume_tokens=60,
     profile_seconds=4.0,
 )
 
@@ -82,10 +82,12 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _server(kind: str, cores: Cores, redis: RedisServer, upstream: Upstream, out: Path) -> Iterator[Server]:
+def _server(
+    kind: str, cores: Cores, redis: RedisServer, upstream: Upstream, out: Path, extra_env: dict[str, str]
+) -> Iterator[Server]:
     """A fresh server per measurement, so that one's leftovers (memory, tasks) never colour the next."""
     redis.flush()
-    server = Server(kind, cores=cores.service, out=out, redis_url=redis.url, upstream=upstream.url)
+    server = Server(kind, cores=cores.service, out=out, redis_url=redis.url, upstream=upstream.url, extra_env=extra_env)
     try:
         yield server
     finally:
@@ -118,13 +120,14 @@ async def _target(
     prof: bool,
     trace_memory: bool,
     out_dir: Path,
+    extra_env: dict[str, str],
 ) -> dict[str, Any]:
     redis, upstream = env.redis, env.upstream
     out: dict[str, Any] = {}
 
     async def fresh(measure: Callable[[Server], Awaitable[Any]]) -> Any:
         started = time.monotonic()
-        with _server(kind, cores, redis, upstream, out_dir) as server:
+        with _server(kind, cores, redis, upstream, out_dir, extra_env) as server:
             result = await measure(server)
         _log(f"    ({time.monotonic() - started:.0f} s)")
         return result
@@ -208,6 +211,7 @@ async def run(
     trace_memory: bool,
     command: str,
     out: Path,
+    extra_env: dict[str, str],
 ) -> dict[str, Any]:
     cores = Cores.pick()
     os.sched_setaffinity(0, cores.load)
@@ -215,6 +219,7 @@ async def run(
         "command": command,
         "machine": {**machine(), "service_core": sorted(cores.service), "load_cores": sorted(cores.load)},
         "config": dataclasses.asdict(config),
+        "service_env": extra_env,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "targets": {},
     }
@@ -227,7 +232,15 @@ async def run(
             for kind in targets:
                 _log(f"{kind}:")
                 results["targets"][kind] = await _target(
-                    kind, env, cores, config, only=only, prof=prof, trace_memory=trace_memory, out_dir=out
+                    kind,
+                    env,
+                    cores,
+                    config,
+                    only=only,
+                    prof=prof,
+                    trace_memory=trace_memory,
+                    out_dir=out,
+                    extra_env=extra_env,
                 )
     finally:
         upstream.stop()
@@ -250,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="where results, plots and logs go (bench/out)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Config field, e.g. --set streams=2000")  # fmt: skip
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra setting for the service, e.g. --env CHATBOT_REDIS_POOL_SIZE=3")  # fmt: skip
     parser.add_argument("--trace-memory", action="store_true",
                         help="also: heap growth per open stream by source line (tracemalloc, slow)")  # fmt: skip
     parser.add_argument("--table", type=Path, metavar="RESULTS_JSON", help="only print the table of earlier results")
@@ -280,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_memory=args.trace_memory,
         command=command.strip(),
         out=args.out,
+        extra_env=dict(item.split("=", 1) for item in args.env),
     )
     try:
         import uvloop

@@ -318,7 +318,7 @@ async def open_streams(
     before = await relay_step(env, server, **probe)
     gc.collect()
     rss0, conns0 = server.rss_bytes(), env.redis.service_connections()
-    idle, slow = Script(tokens=0, hold=True), Script(tokens=1000, rate=0.5, hold=True)
+    idle, slow = Script(tokens=0, hold=True), Script(tokens=1000, rate=0.2, hold=True)
     sids = [await client.start(env.http, server.url, slow if i % 2 else idle) for i in range(sessions)]
     await asyncio.sleep(1.0)
     rss_sessions = server.rss_bytes()
