@@ -31,8 +31,37 @@ def _short(path: str) -> str:
     return path
 
 
+def _package(name: str) -> str:
+    """Where a sampled leaf frame's time goes, coarsely: the library (or the event loop's wait)."""
+    path = name.split(":", 1)[0]
+    if name == "selectors.py:EpollSelector.select":
+        return "waiting in epoll"
+    for prefix, package in _PACKAGES:
+        if path.startswith(prefix):
+            return package
+    return "other"
+
+
+_PACKAGES = (
+    ("redis/", "redis-py"),
+    ("asyncio/", "asyncio"),
+    ("selectors", "asyncio"),
+    ("aiohttp_sse/", "aiohttp-sse"),
+    ("aiohttp/", "aiohttp"),
+    ("chatbot/", "chatbot"),
+    ("openai/", "openai SDK, httpx2, pydantic"),
+    ("httpx2/", "openai SDK, httpx2, pydantic"),
+    ("pydantic", "openai SDK, httpx2, pydantic"),
+    ("concurrent/", "executor threads"),
+    ("threading", "executor threads"),
+    ("logging/", "logging"),
+    ("json/", "json"),
+)
+
+
 def summarise(raw: str, top: int = 20) -> dict[str, Any]:
     """py-spy's collapsed stacks → self and inclusive shares of the samples per file:function."""
+    packages: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -48,13 +77,16 @@ def summarise(raw: str, top: int = 20) -> dict[str, Any]:
             if match is not None:
                 names.append(f"{_short(match['file'])}:{match['func']}")
         if not names:
+            packages["no Python frame"] += count
             continue
         own[names[-1]] += count
+        packages[_package(names[-1])] += count
         for name in set(names):
             inclusive[name] += count
     share = 100.0 / total if total else 0.0
     return {
         "samples": total,
+        "packages": [(name, n * share) for name, n in packages.most_common()],
         "self": [(name, n * share) for name, n in own.most_common(top)],
         "inclusive": [(name, n * share) for name, n in inclusive.most_common(200)],
     }
