@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Needs redis-server; about 10 minutes (bench-quick: 2). Results: bench/out/, see bench/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	PYTHONPATH=. $(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	PYTHONPATH=. $(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""The benchmark harness runs end to end on tiny numbers; the real run is `make bench`, outside the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.client import Frames
+from bench.upstream import Script, parse_tokens, token_event
+from chatbot import events
+from tests.sse import SSEParser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "ttft_runs": "5",
+    "rates": "500",
+    "latency_rate": "500",
+    "step_seconds": "1.2",
+    "step_warm": "0.4",
+    "resume_sessions": "4",
+    "resume_tokens": "25",
+    "resume_arrival": "20",
+    "resume_drop_mean": "0.15",
+}
+
+
+def test_frames_agree_with_the_spec_parser_however_the_bytes_are_cut() -> None:
+    wire = events.retry_field(1000) + b": ping\r\n\r\n"
+    tokens = [events.Event(f"1-{i}", "token", events.token_data(f"{i}:5 é\u2028")) for i in range(50)]
+    wire += b"".join(events.frame(event) for event in tokens)
+    wire += events.frame(events.Event("2-0", "done", events.done_data("stop")))
+    rng = random.Random(6)
+    fast, spec = Frames(), SSEParser()
+    got, want = [], []
+    at = 0
+    while at < len(wire):
+        piece = wire[at : at + rng.randint(1, 40)]
+        at += len(piece)
+        got += [(f.id, f.event, f.data.decode()) for f in fast.feed(piece)]
+        want += [(e.id, e.type, e.data) for e in spec.feed(piece)]
+    assert got == want
+    assert len(got) == 51
+
+
+def test_token_text_round_trips() -> None:
+    line = token_event(7, 123456789)
+    content = json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+    assert parse_tokens(content + content.replace("7:", "8:")) == [(7, 123456789), (8, 123456789)]
+    assert Script.parse(Script(tokens=3, rate=9.0, hold=True).message()) == Script(tokens=3, rate=9.0, hold=True)
+
+
+@pytest.mark.timeout(90)
+def test_quick_run_measures_both_servers(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench", "--quick", "--no-profile", "--out", str(tmp_path)]
+    argv += ["--only", "ttft,relay,resume"]
+    for name, value in TINY.items():
+        argv += ["--set", f"{name}={value}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| added TTFT p50 (ms) |" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("service", "baseline"):
+        target = results["targets"][kind]
+        assert target["ttft"]["samples"] == 5
+        assert 0 < target["ttft"]["added_p50"] < 1000
+        (step,) = target["ramp"]
+        assert step["achieved"] > 0.8 * step["offered"]
+        assert (step["errors"], step["gaps"]) == (0, 0)
+        assert 0 < step["p50"] <= step["p99"]
+        assert target["at_5k"]["each"] == [step]  # the ramp's step at the latency rate is reused
+        resume = target["resume"]
+        assert resume["reconnects"] > 0
+        assert (resume["gaps"], resume["duplicates"], resume["errors"]) == (0, 0, 0)
