@@ -34,7 +34,7 @@ class StreamClosed(Exception):
 Frames = list[tuple[Event, bytes]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscriber:
     """One open event stream: batches the hub read for it, each with the id it was read after."""
 
@@ -58,7 +58,7 @@ class Subscriber:
         self.wake.set()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Topic:
     """What this process knows about one session that has readers here."""
 

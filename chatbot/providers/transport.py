@@ -76,7 +76,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=True, auto_decompress=False)
+            # trust_env=False: with it aiohttp looks up ~/.netrc in a worker thread before every request
+            # (bench/RESULTS.md, TTFT profile); the SDK already ignores proxy variables (trust_env=False).
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
         return self._session
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
