@@ -412,9 +412,7 @@ async def test_healthz_and_readyz(client: TestClient[Any, Any]) -> None:
 
 @pytest.mark.timeout(40)
 async def test_readyz_follows_redis_and_service_recovers_after_restart() -> None:
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         settings = make_settings("redis", server.url)
         from chatbot.app import create_app
 
@@ -434,8 +432,6 @@ async def test_readyz_follows_redis_and_service_recovers_after_restart() -> None
             created = await create_session(client)
             stream = await wait_terminal(client, created["id"])
             assert stream.events[-1].type == "done"
-    finally:
-        server.cleanup()
 
 
 def test_settings_fixture_really_uses_both_stores(settings: Settings, store: str) -> None:

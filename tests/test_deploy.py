@@ -28,12 +28,8 @@ SLOW = {"CHATBOT_DEMO_TOKENS_PER_SECOND": "40", "CHATBOT_DEMO_ANSWER_TOKENS": "8
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, with an append-only file, so that it can be restarted or killed."""
-    server = RedisServer(appendonly=True)
-    server.start()
-    try:
+    with RedisServer(appendonly=True) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest_asyncio.fixture
@@ -237,23 +233,21 @@ async def test_redis_restart_mid_answer_resumes(
 async def test_redis_restart_without_its_data_ends_readers_explicitly(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    server = RedisServer()
-    server.start()
-    cluster = await start_cluster(server, 1, tmp_path, http, **SLOW)
-    try:
-        base = cluster.nginx.url
-        follower = Follower(base, await create(http, base, "forgotten"))
-        reader = asyncio.create_task(follower.run(http, deadline_s=20))
-        await asyncio.sleep(0.6)
-        server.restart()
-        back = time.monotonic()
-        # The session is gone with the data: the stream is ended and its reconnect is answered 404.
-        with pytest.raises(AssertionError, match="404"):
-            await reader
-        assert time.monotonic() - back < 5
-    finally:
-        cluster.stop()
-        server.cleanup()
+    with RedisServer() as server:
+        cluster = await start_cluster(server, 1, tmp_path, http, **SLOW)
+        try:
+            base = cluster.nginx.url
+            follower = Follower(base, await create(http, base, "forgotten"))
+            reader = asyncio.create_task(follower.run(http, deadline_s=20))
+            await asyncio.sleep(0.6)
+            server.restart()
+            back = time.monotonic()
+            # The session is gone with the data: the stream is ended and its reconnect is answered 404.
+            with pytest.raises(AssertionError, match="404"):
+                await reader
+            assert time.monotonic() - back < 5
+        finally:
+            cluster.stop()
 
 
 # --- limits ------------------------------------------------------------------------------------------

@@ -218,12 +218,8 @@ async def test_unknown_ids_are_404_on_every_instance(cluster: Cluster, http: aio
 
 @pytest.fixture
 def lone_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.mark.timeout(90)
