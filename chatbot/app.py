@@ -93,7 +93,6 @@ def _resources(provider: Provider):  # type: ignore[no-untyped-def]
             store, provider, metrics, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
         )
         hub = Hub(store, metrics, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
-        producers.on_appended = hub.appended_here
         app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
         metrics.watch(open_streams=lambda: app[CAPS].open, active_generations=lambda: producers.active)
         await producers.start()

@@ -192,16 +192,6 @@ class Hub:
             sub.wake.clear()
             await sub.wake.wait()
 
-    def appended_here(self, session_id: str, after: str, event: Event) -> None:
-        """This process appended `event` right after `after`: hand it to the readers without a round trip.
-
-        Taken only when the hub has read exactly up to `after`, so nothing between can be missing; in
-        any other case the notice that the append also published leads to the usual read.
-        """
-        topic = self._topics.get(session_id)
-        if topic is not None and not topic.ended and topic.cursor == after:
-            self._deliver(session_id, after, [event])
-
     # -- pub/sub -------------------------------------------------------------------------------
 
     async def _sync_subscription(self, session_id: str) -> None:
@@ -287,7 +277,7 @@ class Hub:
             topic.ready.set()
             if topic.cursor is not None:
                 self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
-        elif kind == "message" and _beyond(message["data"], topic.cursor):
+        elif kind == "message":
             self._mark_dirty(topic.session_id)
 
     # -- fetching --------------------------------------------------------------------------------
@@ -379,13 +369,3 @@ class Hub:
             for sub in topic.subscribers:
                 sub.closed = True
                 sub.wake.set()
-
-
-def _beyond(entry_id: str, cursor: str | None) -> bool:
-    """Whether a notice's entry id is past what the hub has read (one delivered locally costs nothing)."""
-    if cursor is None:
-        return True
-    try:
-        return events.parse_event_id(entry_id) > events.parse_event_id(cursor)
-    except events.BadEventId:
-        return True  # not ours to judge: read

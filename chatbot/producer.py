@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from redis.exceptions import RedisError
 
 from . import events, history
-from .events import Event
 from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError
 from .store import AppendResult, Store
@@ -27,9 +26,6 @@ log = logging.getLogger(__name__)
 class _Ended(Exception):
     """The store refused an append: the session ended elsewhere (cancelled, orphaned) or expired."""
 
-
-Appended = Callable[[str, str, Event], None]
-"""(session id, id of the entry before, the entry): how this process's hub learns of its own appends."""
 
 # How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
 OUTAGE_SECONDS = 30.0
@@ -42,19 +38,9 @@ class _Writer:
     """
 
     def __init__(
-        self,
-        store: Store,
-        batcher: _Batcher,
-        session_id: str,
-        on_cancel: asyncio.Event,
-        metrics: Metrics,
-        on_appended: Appended,
+        self, store: Store, batcher: _Batcher, session_id: str, on_cancel: asyncio.Event, metrics: Metrics
     ) -> None:
         self._store = store
-        self._on_appended = on_appended
-        # The id of this writer's last entry ("0-0" before the first): lets the local hub take the next
-        # entry without reading it back. None after a failed batch, whose entries may or may not exist.
-        self._last_id: str | None = "0-0"
         self._batcher = batcher
         self.sid = session_id
         self._on_cancel = on_cancel
@@ -87,12 +73,11 @@ class _Writer:
         self._pieces = 0
         return text, pieces
 
-    def landed(self, text: str, data: str, pieces: int, result: AppendResult | Exception) -> None:
+    def landed(self, text: str, pieces: int, result: AppendResult | Exception) -> None:
         """The batcher's answer for this writer's entry."""
-        if isinstance(result, Exception) or result.ended or result.id is None:
+        if isinstance(result, Exception) or result.ended:
             self._fail(result if isinstance(result, Exception) else _Ended())
             return
-        self._stored(events.TOKEN, data, result.id)
         self._outage_since = None
         self.entries += 1
         self.stored.append(text)
@@ -116,7 +101,6 @@ class _Writer:
             return False
         self._pending.insert(0, text)
         self._pieces += pieces
-        self._last_id = None
         return True
 
     def _fail(self, exc: BaseException) -> None:
@@ -134,15 +118,9 @@ class _Writer:
     async def finish(self, event: str, data: str, status: str) -> None:
         await self.drain()
         result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data, terminal_status=status))
-        if result.ended or result.id is None:
+        if result.ended:
             raise _Ended
-        self._stored(event, data, result.id)
         self.entries += 1
-
-    def _stored(self, event: str, data: str, entry_id: str) -> None:
-        if self._last_id is not None:
-            self._on_appended(self.sid, self._last_id, Event(entry_id, event, data))
-        self._last_id = entry_id
 
 
 async def _retrying(session_id: str, call: Callable[[], Awaitable[AppendResult]]) -> AppendResult:
@@ -195,27 +173,23 @@ class _Batcher:
             self._wake.clear()
             writers = list(self._queue.values())
             self._queue.clear()
-            batch = [
-                (writer, text, events.token_data(text), pieces)
-                for writer in writers
-                for text, pieces in [writer.take()]
-            ]
+            batch = [(writer, *writer.take()) for writer in writers]
             try:
                 results = await self._store.append_many(
-                    [(writer.sid, events.TOKEN, data) for writer, _, data, _ in batch]
+                    [(writer.sid, events.TOKEN, events.token_data(text)) for writer, text, _ in batch]
                 )
             except (RedisError, OSError) as exc:
                 self._metrics.redis_errors.labels("producer").inc()
                 log.warning("appending %d entries failed (%s); retrying", len(batch), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-                for writer, text, _, pieces in batch:
+                for writer, text, pieces in batch:
                     if writer.bounced(text, pieces, exc):
                         self.schedule(writer)
                 continue
             delay = 0.05
-            for (writer, text, data, pieces), result in zip(batch, results, strict=True):
-                writer.landed(text, data, pieces, result)
+            for (writer, text, pieces), result in zip(batch, results, strict=True):
+                writer.landed(text, pieces, result)
 
 
 class Producers:
@@ -234,7 +208,6 @@ class Producers:
         self._cancels: dict[str, asyncio.Event] = {}
         self._lease_task: asyncio.Task[None] | None = None
         self._batcher = _Batcher(store, metrics)
-        self.on_appended: Appended = lambda session_id, after, event: None
 
     async def start(self) -> None:
         self._batcher.start()
@@ -285,7 +258,7 @@ class Producers:
     async def _generate(
         self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
     ) -> None:
-        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics, self.on_appended)
+        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics)
         turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
