@@ -310,6 +310,21 @@ async def _reader(env: Env, server: Server, sid: str, at: float, readers: _Reade
             readers.all_open.set()
 
 
+async def _open_readers(
+    env: Env, server: Server, sids: list[str], streams: int, open_rate: float, slack_s: float
+) -> tuple[_Readers, list[asyncio.Task[None]], float]:
+    """Open `streams` readers over `sids` at `open_rate` per second; wait until all are open (or failed)."""
+    readers = _Readers()
+    t0 = time.monotonic()
+    tasks = [
+        asyncio.create_task(_reader(env, server, sids[i % len(sids)], t0 + i / open_rate, readers, streams))
+        for i in range(streams)
+    ]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(readers.all_open.wait(), streams / open_rate + slack_s)
+    return readers, tasks, time.monotonic() - t0
+
+
 async def open_streams(
     env: Env, server: Server, *, streams: int, sessions: int, open_rate: float, probe: dict[str, float]
 ) -> dict[str, Any]:
@@ -322,15 +337,7 @@ async def open_streams(
     sids = [await client.start(env.http, server.url, slow if i % 2 else idle) for i in range(sessions)]
     await asyncio.sleep(1.0)
     rss_sessions = server.rss_bytes()
-    readers = _Readers()
-    t0 = time.monotonic()
-    tasks = [
-        asyncio.create_task(_reader(env, server, sids[i % sessions], t0 + i / open_rate, readers, streams))
-        for i in range(streams)
-    ]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(readers.all_open.wait(), streams / open_rate + 60)
-    ramp_seconds = time.monotonic() - t0
+    readers, tasks, ramp_seconds = await _open_readers(env, server, sids, streams, open_rate, 60)
     await asyncio.sleep(1.0)
     rss1, conns1, files = server.rss_bytes(), env.redis.service_connections(), server.open_files()
     env.log(f"    {server.kind}: {readers.opened} open ({readers.failed} failed), RSS +{(rss1 - rss0) / 2**20:.0f} MiB")
@@ -464,14 +471,7 @@ async def stream_memory(
     sids = [await client.start(env.http, server.url, idle) for _ in range(sessions)]
     await asyncio.sleep(1.0)
     before = await _snapshot(server, folder, 0)
-    readers = _Readers()
-    t0 = time.monotonic()
-    tasks = [
-        asyncio.create_task(_reader(env, server, sids[i % sessions], t0 + i / open_rate, readers, streams))
-        for i in range(streams)
-    ]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(readers.all_open.wait(), streams / open_rate + 120)
+    readers, tasks, _ = await _open_readers(env, server, sids, streams, open_rate, 120)
     await asyncio.sleep(2.0)
     after = await _snapshot(server, folder, 1)
     await _upstream(env, "release")
