@@ -36,7 +36,7 @@ _RETRYABLE = frozenset({RATE_LIMITED, UNAVAILABLE, TIMEOUT, DISCONNECTED, ERROR}
 QUOTE_CHARS = 200
 # Long opaque runs (keys, tokens, signatures) and anything introduced as a key, token or bearer credential.
 _SECRET = re.compile(
-    r"(?i)\b(?:bearer|token|api[-_ ]?key|key|secret|password)\b\s*[:=]?\s*\S+|\b(?:sk|pk|rk)-[\w-]{6,}|[\w+/=-]{32,}"
+    r"(?i)\bbearer\s+\S+|\b(?:api[-_]?key|token|secret|password)\s*[:=]\s*\S+|\b(?:sk|pk|rk)-[\w-]{6,}|[\w+/=-]{32,}"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
@@ -88,7 +88,8 @@ def in_band(error: Any) -> ProviderError:
     if isinstance(error, dict):
         said = error.get("message")
         words = " ".join(str(error.get(k, "")) for k in ("code", "type", "status")).lower()
-        status = error.get("code") if type(error.get("code")) is int else error.get("status")
+        status = _status(error.get("code"))
+        status = status if status is not None else _status(error.get("status"))
     else:
         said, words, status = error, "", None
     said = said if isinstance(said, str) else ""
@@ -97,7 +98,7 @@ def in_band(error: Any) -> ProviderError:
         code = RATE_LIMITED
     elif status in (408, 504) or "timeout" in words:
         code = TIMEOUT
-    elif (type(status) is int and status >= 500) or any(w in words for w in _BUSY_WORDS):
+    elif (status is not None and status >= 500) or any(w in words for w in _BUSY_WORDS):
         code = UNAVAILABLE
     else:
         code = ERROR
@@ -107,6 +108,13 @@ def in_band(error: Any) -> ProviderError:
 def unreadable(what: str) -> ProviderError:
     """An event whose JSON is not the API's shape; `what` names the part (ours, no upstream text)."""
     return ProviderError(BAD_RESPONSE, f"{_MESSAGES[BAD_RESPONSE][:-1]}: {what}.", retryable=False)
+
+
+def _status(value: Any) -> int | None:
+    """An HTTP status given as a number or a string of digits (LiteLLM sends "429")."""
+    if type(value) is str and value.isdigit() and len(value) == 3:
+        return int(value)
+    return value if type(value) is int else None
 
 
 def not_an_event_stream(content_type: str, first: bytes) -> ProviderError:

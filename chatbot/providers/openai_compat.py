@@ -109,6 +109,8 @@ class ChunkParser:
                 raise _bad("a chunk that is not a JSON object", data)
             if event.get("error") is not None:
                 raise _stream_error(event["error"])
+            if event.get("object") == "error":  # vLLM's error response, sent as a chunk
+                raise _stream_error(event)
             choices = event.get("choices")
             if choices:
                 if type(choices) is not list or type(choices[0]) is not dict:
