@@ -247,7 +247,7 @@ class Hub:
                     # reads (seen with the embedded store), so shutdown also relies on this flag check.
                     message = await self._pubsub.get_message(timeout=self.LISTEN_POLL_SECONDS)
                     if message is not None:
-                        self._handle(message)
+                        await self._handle(message)
                 return
             except asyncio.CancelledError:
                 raise
@@ -284,11 +284,15 @@ class Hub:
         if sids:
             self._sweep_now.set()  # the store may have restarted: check every producer at once
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    async def _handle(self, message: dict[str, Any]) -> None:
         try:
             self._on_message(message)
         except Exception:
             log.exception("pub/sub message %r could not be handled", message)
+            channel = message.get("channel")
+            if isinstance(channel, str) and channel != keys.CANCEL_CHANNEL:
+                with contextlib.suppress(Exception):
+                    await self._fail_session(keys.session_id_from_channel(channel))
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
@@ -439,6 +443,7 @@ class Hub:
         log.warning("session %s: %s; ending its streams", session_id, why)
         if (topic := self._topics.get(session_id)) is not None:
             topic.ended = True
+            topic.ready.set()  # a reader still waiting for its subscription gets its stream, and its end
             for sub in topic.subscribers:
                 sub.closed = True
                 sub.wake.set()

@@ -150,7 +150,10 @@ class _Writer:
             raise self.error
 
     async def finish(self, event: str, data: str, status: str) -> None:
-        await self.drain()
+        """Append the terminal event once the entries before it are settled; _Ended if the session ended."""
+        await self._idle.wait()
+        if isinstance(self.error, _Ended):
+            raise self.error
         result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data, terminal_status=status))
         if result.ended:
             raise _Ended
@@ -198,8 +201,7 @@ class _Batcher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # an end of its own was logged when it happened
 
     def schedule(self, writer: _Writer) -> None:
         self._queue[writer.sid] = writer
@@ -362,8 +364,7 @@ class Producers:
         self._closing = True
         if self._lease_task is not None:
             self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+            await asyncio.wait({self._lease_task})  # an end of its own was logged when it happened
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
