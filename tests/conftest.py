@@ -56,8 +56,9 @@ def free_port() -> int:
 class RedisServer:
     """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
-    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False, extra: list[str] | None = None) -> None:
         self.appendonly = appendonly
+        self.extra = extra or []
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,6 +82,7 @@ class RedisServer:
                 self._dir,
                 "--maxclients",
                 "4000",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
