@@ -31,6 +31,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
     ClusterError,
+    MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
@@ -282,10 +283,9 @@ async def open_store(settings: Settings, *, owner: str) -> Store:
         await client.aclose()
         raise StoreUnavailable(f"cannot read the topology of the Redis Cluster at {url}: {exc}") from exc
     log.info(
-        "using Redis Cluster at %s: %d masters, %d nodes, pool of %d connections per node",
+        "using Redis Cluster at %s: %d masters, pool of %d connections per node",
         url,
         len(client.get_primaries()),
-        len(client.get_nodes()),
         settings.redis_pool_size,
     )
     return Store(client, settings, owner=owner)
@@ -339,13 +339,21 @@ def _gated(
     async def run(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self._slots is None:
             return await method(self, *args, **kwargs)
+        give_up = time.monotonic() + POOL_WAIT_SECONDS
         try:
             async with asyncio.timeout(POOL_WAIT_SECONDS):
                 await self._slots.acquire()
         except TimeoutError:
             raise RedisConnectionError(f"no free Redis connection within {POOL_WAIT_SECONDS:.0f} s") from None
         try:
-            return await method(self, *args, **kwargs)
+            while True:
+                try:
+                    return await method(self, *args, **kwargs)
+                except MaxConnectionsError:
+                    # A connection of the node's pool is still being closed after an error: nothing was sent.
+                    if time.monotonic() >= give_up:
+                        raise
+                    await asyncio.sleep(0.02)
         except RedisClusterException as exc:  # not a RedisError: e.g. a slot no master covers mid-failover
             raise ClusterError(str(exc)) from exc
         finally:

@@ -18,6 +18,14 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 NODE_TIMEOUT_MS = 1000
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            return port
+
+
 @dataclass
 class ClusterNode:
     server: RedisServer
@@ -53,9 +61,11 @@ class Cluster:
     def start(self) -> None:
         for _ in range(self.size):
             server = RedisServer(
-                free_port(),
+                _cluster_port(),
                 extra=["--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                       "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0"],
+                       "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0",
+                       # replicas in sync at once, not after the default 5 s wait for more replicas
+                       "--repl-diskless-sync-delay", "0"],
             )  # fmt: skip
             server.start()
             self.nodes.append(ClusterNode(server))
@@ -94,9 +104,16 @@ class Cluster:
                         return False
                     if int(info["cluster_known_nodes"]) < len(self.live_nodes()):
                         return False
-            return len(self.masters()) == 3
+            return len(self.masters()) == 3 and all(self._in_sync(n) for n in self.live_nodes())
         except redis.RedisError:
             return False
+
+    @staticmethod
+    def _in_sync(node: ClusterNode) -> bool:
+        """A master, or a replica whose link to its master is up (its first full sync done)."""
+        with node.client() as client:
+            info = client.info("replication")
+        return info["role"] == "master" or info.get("master_link_status") == "up"
 
     def owner_of(self, key: str) -> ClusterNode:
         """The live master that serves `key`'s slot now."""
