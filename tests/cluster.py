@@ -113,7 +113,7 @@ class Cluster:
         """A master, or a replica whose link to its master is up (its first full sync done)."""
         with node.client() as client:
             info = client.info("replication")
-        return info["role"] == "master" or info.get("master_link_status") == "up"
+        return bool(info["role"] == "master" or info.get("master_link_status") == "up")
 
     def owner_of(self, key: str) -> ClusterNode:
         """The live master that serves `key`'s slot now."""
