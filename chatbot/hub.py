@@ -363,6 +363,11 @@ class Hub:
                 continue
             for sid, batch in fetched.items():
                 self._deliver(sid, cursors[sid], batch)
+            if missed := cursors.keys() - fetched.keys():  # on a cluster: their master is failing over
+                self._metrics.redis_errors.labels("reader").inc()
+                self._dirty.update(missed)
+                await asyncio.sleep(0.2)
+                self._fetch_wake.set()
 
     def _deliver(self, session_id: str, read_from: str, batch: list[Event]) -> None:
         topic = self._topics.get(session_id)

@@ -582,11 +582,23 @@ class Store:
 
     @_gated
     async def read_after_many(self, cursors: Mapping[str, str], *, count: int) -> dict[str, list[events.Event]]:
-        """For each session, up to `count` events after its cursor, in one round trip per node."""
+        """For each session, up to `count` events after its cursor, in one round trip per node.
+
+        On a cluster, sessions whose master failed (see `transient`) are left out while the others are
+        answered; the caller asks again for those. If every read failed, the first error is raised.
+        """
         sids = list(cursors)
         commands = [("XRANGE", keys.stream(sid), _exclusive(cursors[sid]), "+", "COUNT", count) for sid in sids]
-        replies = _raise_first(await self._rounds(commands, [command[1] for command in commands]))
-        return {sid: [_entry(item) for item in raw] for sid, raw in zip(sids, replies, strict=True)}
+        replies = await self._rounds(commands, [command[1] for command in commands])
+        if all(isinstance(reply, Exception) for reply in replies) or any(
+            isinstance(reply, Exception) and not transient(reply) for reply in replies
+        ):
+            _raise_first(replies)
+        return {
+            sid: [_entry(item) for item in raw]
+            for sid, raw in zip(sids, replies, strict=True)
+            if not isinstance(raw, Exception)
+        }
 
     async def text(self, session_id: str) -> str:
         """The answer so far: every token event's text, in order."""

@@ -248,11 +248,20 @@ async def test_sigkill_of_the_master_owning_a_live_session(
     sid = await post(http, instance, message)
     followers = [Follower(instance.url, sid) for _ in range(2)]
     tasks = [asyncio.create_task(f.run(http, deadline_s=60)) for f in followers]
-    await tokens_seen(followers[0], 20)
     owner = master_of(cluster, sid)
+    # and one answer on another master, which the failover must not disturb
+    bystander_message = "a bystander"
+    bystander = ""
+    while not bystander or master_of(cluster, bystander).port == owner.port:
+        bystander = await post(http, instance, bystander_message)
+    calm = Follower(instance.url, bystander)
+    tasks.append(asyncio.create_task(calm.run(http, deadline_s=60)))
+    await tokens_seen(followers[0], 20)
     owner.server.stop()  # SIGKILL
     killed = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*tasks), TERMINAL_WITHIN_S + 6)
+    assert_well_formed(calm.events)
+    assert calm.events[-1].type == "done" and text_of(calm.events) == expected(bystander_message, PACED_ENV)
     for follower in followers:
         assert_well_formed(follower.events)
         assert follower.arrivals[-1] - killed < TERMINAL_WITHIN_S + 6  # the answer's rest is about 5 s
