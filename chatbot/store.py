@@ -669,10 +669,18 @@ class Store:
 
     async def _node_round(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         assert isinstance(self.redis, RedisCluster)
-        async with self.redis.pipeline() as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            return list(await pipe.execute(raise_on_error=False))
+        give_up = time.monotonic() + POOL_WAIT_SECONDS
+        while True:
+            try:
+                async with self.redis.pipeline() as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    return list(await pipe.execute(raise_on_error=False))
+            except MaxConnectionsError:
+                # A connection of the node's pool is still being closed after an error: nothing was sent.
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(0.005)
 
     async def _refresh_topology(self) -> None:
         """Re-read the slot map (at most every REFRESH_SECONDS): a master failed over or a slot moved."""
