@@ -820,7 +820,11 @@ class ShardedNotices:
         )
         client = aioredis.Redis(connection_pool=pool)
         pubsub = client.pubsub()
-        await pubsub.connect()  # type: ignore[no-untyped-call]
+        try:
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await client.aclose()
+            raise
         task = asyncio.create_task(self._read(pubsub), name=f"notices-{node.name}")
         self._links[node.name] = (client, pubsub, task)
         return pubsub
@@ -832,8 +836,8 @@ class ShardedNotices:
                 message = await pubsub.get_message(timeout=self.READ_POLL_SECONDS)
                 if message is not None:
                     self._take(message)
-        except (RedisError, OSError) as exc:
-            self._inbox.put_nowait(exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc)))
+        except Exception as exc:  # whatever stops this reader must reach the hub, which then reconnects
+            self._inbox.put_nowait(exc if isinstance(exc, RedisError) else RedisConnectionError(repr(exc)))
 
     def _take(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
