@@ -370,3 +370,19 @@ def migrate_slot(cluster: Cluster, key: str, source: ClusterNode, target: Cluste
     finally:
         src.close()
         dst.close()
+
+
+async def test_the_rate_limit_counts_on_the_cluster(cluster: Cluster) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from chatbot.app import create_app
+    from tests.conftest import close_promptly, make_settings
+
+    settings = make_settings("cluster", cluster.url, rate_limit=2, rate_window_seconds=60)
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        statuses = [(await client.post("/sessions", json={"message": f"hi {i}"})).status for i in range(3)]
+        assert statuses == [201, 201, 429]
+    finally:
+        await close_promptly(client)
