@@ -386,3 +386,23 @@ async def test_the_rate_limit_counts_on_the_cluster(cluster: Cluster) -> None:
         assert statuses == [201, 201, 429]
     finally:
         await close_promptly(client)
+
+
+async def test_cluster_mode_forced_on_against_one_redis_stops_the_start_with_a_clear_message(redis_url: str) -> None:
+    from chatbot.store import StoreUnavailable, open_store
+    from tests.conftest import make_settings
+
+    settings = make_settings("redis", redis_url, redis_cluster="on")
+    with pytest.raises(StoreUnavailable, match="Cluster mode is not enabled"):
+        await open_store(settings, owner="test")
+
+
+async def test_cluster_mode_forced_off_does_not_ask_the_server(cluster: Cluster) -> None:
+    from chatbot.store import open_store
+    from tests.conftest import make_settings
+
+    store = await open_store(make_settings("cluster", cluster.url, redis_cluster="off"), owner="test")
+    try:
+        assert not store.cluster  # a cluster node, taken for a single Redis because the setting says so
+    finally:
+        await store.close()
