@@ -94,12 +94,20 @@ class _Writer:
         self._kind = kind
 
     def take(self) -> tuple[list[tuple[str, str]], int]:
-        """The waiting entries, (event, text) each, and how many deltas they join; called by the batcher."""
+        """The next entry, as [(event, text)], and how many deltas it joins; called by the batcher.
+
+        One entry per session per batch: on a cluster the store checks each append against the session's
+        last id, which a second entry in the same round trip could not know. Runs of one kind join.
+        """
         self._switch(self._kind)
-        entries, pieces = self._runs, self._pieces
-        self._runs = []
-        self._pieces = 0
-        return entries, pieces
+        kind, text = self._runs[0]
+        joined = 1
+        while joined < len(self._runs) and self._runs[joined][0] == kind:
+            text += self._runs[joined][1]
+            joined += 1
+        del self._runs[:joined]
+        pieces, self._pieces = self._pieces, 0
+        return [(kind, text)], pieces
 
     def landed(self, entries: list[tuple[str, str]], pieces: int, results: list[AppendResult | Exception]) -> None:
         """The batcher's answers for this writer's entries, one each."""
