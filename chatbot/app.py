@@ -6,13 +6,13 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypedDict
 
 from aiohttp import web
 
 from . import health, problems, sessions, sse
-from .appkeys import CAPS, HUB, METRICS, PRODUCERS, SETTINGS, STORE
+from .appkeys import CAPS, FAULTS, HUB, METRICS, PRODUCERS, SETTINGS, STORE
 from .hub import Hub
 from .limits import StreamCaps
 from .metrics import Metrics
@@ -59,13 +59,26 @@ def make_provider(settings: Settings) -> Provider:
     return AnthropicProvider(**options)
 
 
-def create_app(settings: Settings, *, provider: Provider | None = None) -> web.Application:
-    """Build the service; `provider` overrides the one named in settings."""
+def create_app(
+    settings: Settings, *, provider: Provider | None = None, on_fatal: Callable[[], None] | None = None
+) -> web.Application:
+    """Build the service; `provider` overrides the one named in settings.
+
+    Should a shared task end unexpectedly, its name joins `app[FAULTS]` (so /readyz answers 503) and
+    `on_fatal` runs: `chatbot serve` passes one that stops the process with a non-zero status.
+    """
     app = web.Application(middlewares=[problems.middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[FAULTS] = []
+
+    def fatal(task_name: str) -> None:
+        app[FAULTS].append(task_name)
+        if on_fatal is not None:
+            on_fatal()
+
     app[METRICS] = Metrics()
     app[CAPS] = StreamCaps(settings, app[METRICS])
-    app.cleanup_ctx.append(_resources(provider or make_provider(settings)))
+    app.cleanup_ctx.append(_resources(provider or make_provider(settings), fatal))
     app.on_shutdown.append(_drain)
     app.router.add_post("/sessions", sessions.create)
     app.router.add_get("/sessions/{session_id}", sessions.read)
@@ -79,16 +92,31 @@ def create_app(settings: Settings, *, provider: Provider | None = None) -> web.A
     return app
 
 
-def _resources(provider: Provider):  # type: ignore[no-untyped-def]
+def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignore[no-untyped-def]
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         store = await open_store(settings, owner=owner)
         metrics = app[METRICS]
         producers = Producers(
-            store, provider, metrics, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
+            store,
+            provider,
+            metrics,
+            lease_ttl=settings.lease_ttl_seconds,
+            max_events=settings.max_answer_events,
+            deadline=settings.answer_deadline_seconds,
+            reasoning=settings.reasoning == "show",
+            on_fatal=fatal,
         )
-        hub = Hub(store, metrics, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
+        hub = Hub(
+            store,
+            metrics,
+            lease_ttl=settings.lease_ttl_seconds,
+            on_cancel=producers.cancel,
+            # The producer's own deadline ends every answer before this; past it, the producer is wedged.
+            queued_bound=settings.answer_deadline_seconds + 2 * settings.lease_ttl_seconds,
+            on_fatal=fatal,
+        )
         producers.on_generating = hub.follow_cancel
         app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
         metrics.watch(open_streams=lambda: app[CAPS].open, active_generations=lambda: producers.active)

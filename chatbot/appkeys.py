@@ -17,3 +17,5 @@ HUB = web.AppKey("hub", Hub)
 PRODUCERS = web.AppKey("producers", Producers)
 METRICS = web.AppKey("metrics", Metrics)
 CAPS = web.AppKey("caps", StreamCaps)
+# Names of shared tasks that ended unexpectedly: /readyz answers 503, `chatbot serve` exits non-zero.
+FAULTS = web.AppKey("faults", list[str])

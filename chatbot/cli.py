@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,14 +35,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **overrides)
 
     from .app import create_app
+    from .appkeys import FAULTS
+
+    def stop() -> None:
+        # run_app turns SIGTERM into its graceful shutdown: readers are sent elsewhere, then we exit non-zero.
+        signal.raise_signal(signal.SIGTERM)
 
     try:
-        app = create_app(settings)  # builds the provider, whose SDK may find its own variables missing
+        app = create_app(settings, on_fatal=stop)  # builds the provider, whose SDK may find its variables missing
     except SettingsError as exc:
         print(f"chatbot: {exc}", file=sys.stderr)
         return 2
     log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10)
+    if faults := app[FAULTS]:
+        log.critical("stopped because shared tasks ended unexpectedly: %s", ", ".join(faults))
+        return 3
     return 0
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TOKEN = "token"
+REASONING = "reasoning"  # the model's thinking: stored and resumable like tokens, never answer text
 DONE = "done"
 ERROR = "error"
 TERMINAL = frozenset({DONE, ERROR})
@@ -50,6 +51,10 @@ class Event:
 
 
 def token_data(text: str) -> str:
+    return _dumps({"text": text})
+
+
+def reasoning_data(text: str) -> str:
     return _dumps({"text": text})
 
 

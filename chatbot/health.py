@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .appkeys import METRICS, PRODUCERS, STORE
+from .appkeys import FAULTS, METRICS, PRODUCERS, STORE
 from .problems import Problem
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
@@ -20,6 +20,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if faults := request.app[FAULTS]:
+        detail = f"A shared task of this instance ended unexpectedly ({', '.join(faults)}); it is restarting."
+        raise Problem(503, "faulted", "Service Unavailable", detail)
     if not request.app[PRODUCERS].accepting:
         raise Problem(503, "draining", "Service Unavailable", "This instance is shutting down.")
     try:

@@ -78,8 +78,19 @@ class Hub:
     LISTEN_POLL_SECONDS = 1.0
     CLOSE_WAIT_SECONDS = 5.0
 
-    def __init__(self, store: Store, metrics: Metrics, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        lease_ttl: float,
+        on_cancel: Callable[[str], None],
+        queued_bound: float = 900.0,
+        on_fatal: Callable[[str], None] = lambda name: None,
+    ) -> None:
         self._store = store
+        self._queued_bound = queued_bound
+        self._on_fatal = on_fatal
         self._metrics = metrics
         self._lease_ttl = lease_ttl
         self._on_cancel = on_cancel
@@ -110,6 +121,16 @@ class Hub:
         ]
         if self._store.cluster:
             self._tasks.append(asyncio.create_task(self._sync_cancels(), name="hub-cancels"))
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """These tasks may only end in close(); any other end is fatal for the instance, and said loudly."""
+        if self._closing:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.critical("shared task %s ended unexpectedly", task.get_name(), exc_info=exc)
+        self._on_fatal(task.get_name())
 
     def end_streams(self) -> None:
         """Ask every open stream to end now (shutdown): clients reconnect to another instance."""
@@ -231,7 +252,7 @@ class Hub:
                     # reads (seen with the embedded store), so shutdown also relies on this flag check.
                     message = await self._pubsub.get_message(timeout=self.LISTEN_POLL_SECONDS)
                     if message is not None:
-                        self._on_message(message)
+                        await self._handle(message)
                 return
             except asyncio.CancelledError:
                 raise
@@ -240,6 +261,10 @@ class Hub:
                     return
                 self._metrics.redis_errors.labels("pubsub").inc()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
+            except Exception:
+                if self._closing:
+                    return
+                log.exception("pub/sub listener failed; reconnecting in %.2fs", delay)
             self._pubsub_ready.clear()
             self._subscribed.clear()
             self._acked.clear()
@@ -268,6 +293,16 @@ class Hub:
             self._pubsub_ready.set()
         if sids:
             self._sweep_now.set()  # the store may have restarted: check every producer at once
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        try:
+            self._on_message(message)
+        except Exception:
+            log.exception("pub/sub message %r could not be handled", message)
+            channel = message.get("channel")
+            if isinstance(channel, str) and channel != keys.CANCEL_CHANNEL:
+                with contextlib.suppress(Exception):
+                    await self._fail_session(keys.session_id_from_channel(channel))
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
@@ -343,31 +378,65 @@ class Hub:
         while True:
             await self._fetch_wake.wait()
             self._fetch_wake.clear()
-            cursors = {
-                sid: topic.cursor
-                for sid in self._dirty
-                if (topic := self._topics.get(sid)) is not None and topic.cursor is not None and not topic.ended
-            }
-            self._dirty.clear()
-            if not cursors:
-                continue
             try:
-                fetched = await self._store.read_after_many(cursors, count=self.FETCH_COUNT)
-            except (RedisError, OSError) as exc:
-                self._metrics.redis_errors.labels("reader").inc()
-                log.warning("stream read failed (%s); retrying", exc)
-                for sid in cursors:
-                    self._dirty.add(sid)
+                await self._fetch_dirty()
+            except Exception:
+                log.exception("fetching %d sessions failed", len(self._dirty))
                 await asyncio.sleep(0.2)
-                self._fetch_wake.set()
-                continue
-            for sid, batch in fetched.items():
+
+    async def _fetch_dirty(self) -> None:
+        cursors = {
+            sid: topic.cursor
+            for sid in self._dirty
+            if (topic := self._topics.get(sid)) is not None and topic.cursor is not None and not topic.ended
+        }
+        self._dirty.clear()
+        if not cursors:
+            return
+        try:
+            fetched = await self._store.read_after_many(cursors, count=self.FETCH_COUNT)
+        except (RedisError, OSError) as exc:
+            self._metrics.redis_errors.labels("reader").inc()
+            log.warning("stream read failed (%s); retrying", exc)
+            for sid in cursors:
+                self._dirty.add(sid)
+            await asyncio.sleep(0.2)
+            self._fetch_wake.set()
+            return
+        except Exception:
+            # One session's entries broke the batched read: read each apart so the others go on.
+            fetched = await self._read_apart(cursors)
+        for sid, batch in fetched.items():
+            try:
                 self._deliver(sid, cursors[sid], batch)
-            if missed := cursors.keys() - fetched.keys():  # on a cluster: their master is failing over
-                self._metrics.redis_errors.labels("reader").inc()
-                self._dirty.update(missed)
-                await asyncio.sleep(0.2)
-                self._fetch_wake.set()
+            except Exception:
+                log.exception("session %s: its events could not be delivered", sid)
+                await self._fail_session(sid)
+        missed = {sid for sid in cursors.keys() - fetched.keys() if (t := self._topics.get(sid)) and not t.ended}
+        if missed:  # on a cluster: their master is failing over
+            self._metrics.redis_errors.labels("reader").inc()
+            self._dirty.update(missed)
+            await asyncio.sleep(0.2)
+            self._fetch_wake.set()
+
+    async def _read_apart(self, cursors: dict[str, str]) -> dict[str, list[Event]]:
+        fetched: dict[str, list[Event]] = {}
+        for sid, cursor in cursors.items():
+            try:
+                fetched.update(await self._store.read_after_many({sid: cursor}, count=self.FETCH_COUNT))
+            except (RedisError, OSError):
+                self._mark_dirty(sid)
+            except Exception:
+                log.exception("session %s: its stream cannot be read", sid)
+                await self._fail_session(sid)
+        return fetched
+
+    async def _fail_session(self, session_id: str) -> None:
+        """One session's data broke a shared task: end it with `internal_error` and close its streams here."""
+        data = events.error_data("internal_error", "The answer failed on the server.", retryable=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self._store.append(session_id, events.ERROR, data, terminal_status="failed")
+        self._end_topic(session_id, "failed on a shared task")
 
     def _deliver(self, session_id: str, read_from: str, batch: list[Event]) -> None:
         topic = self._topics.get(session_id)
@@ -390,40 +459,50 @@ class Hub:
     # -- producer liveness -------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """End streams whose producer's lease lapsed: every reader, here and elsewhere, sees the error."""
+        """End streams whose producer's lease lapsed, or whose answer never left `queued`."""
         interval = max(0.1, self._lease_ttl / 2)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sweep_now.wait(), interval)
             threshold = 0.0 if self._sweep_now.is_set() else interval
             self._sweep_now.clear()
-            now = time.monotonic()
-            quiet = [
-                sid
-                for sid, topic in self._topics.items()
-                if not topic.ended and topic.cursor is not None and now - topic.last_change >= threshold
-            ]
-            if not quiet:
-                continue
             try:
-                for sid in await self._store.missing_leases(quiet):
-                    data = events.error_data(
-                        "producer_lost", "The server generating this answer stopped.", retryable=True
-                    )
-                    outcome = await self._store.fail_orphan(sid, data)
-                    if outcome == "gone":
-                        self._end_topic(sid)
-                    elif outcome is not None:
-                        log.warning("session %s: producer lost; ended with a retryable error", sid)
+                await self._sweep_once(threshold)
             except (RedisError, OSError) as exc:
                 self._metrics.redis_errors.labels("sweep").inc()
                 log.warning("lease sweep failed: %s", exc)
+            except Exception:
+                log.exception("lease sweep failed")
 
-    def _end_topic(self, session_id: str) -> None:
-        """The session vanished from the store: end its streams; a reconnect is answered 404, not silence."""
-        log.warning("session %s: vanished from the store; ending its streams", session_id)
+    async def _sweep_once(self, threshold: float) -> None:
+        now = time.monotonic()
+        quiet = [
+            sid
+            for sid, topic in self._topics.items()
+            if not topic.ended and topic.cursor is not None and now - topic.last_change >= threshold
+        ]
+        if not quiet:
+            return
+        # A producer that holds its lease but never writes (a wedged task) would leave readers waiting for ever.
+        stuck = [sid for sid in quiet if now - self._topics[sid].last_change >= self._queued_bound]
+        for sid in await self._store.missing_leases(quiet):
+            data = events.error_data("producer_lost", "The server generating this answer stopped.", retryable=True)
+            outcome = await self._store.fail_orphan(sid, data)
+            if outcome == "gone":
+                self._end_topic(sid)
+            elif outcome is not None:
+                log.warning("session %s: producer lost; ended with a retryable error", sid)
+        if stuck:
+            data = events.error_data("internal_error", "The answer never started on the server.", retryable=True)
+            for sid in await self._store.fail_queued(stuck, data, older_than=self._queued_bound):
+                log.error("session %s: still queued after %.0fs; ended with internal_error", sid, self._queued_bound)
+
+    def _end_topic(self, session_id: str, why: str = "vanished from the store") -> None:
+        """End the session's streams here: it vanished (a reconnect is answered 404, not silence) or failed."""
+        log.warning("session %s: %s; ending its streams", session_id, why)
         if (topic := self._topics.get(session_id)) is not None:
             topic.ended = True
+            topic.ready.set()  # a reader still waiting for its subscription gets its stream, and its end
             for sub in topic.subscribers:
                 sub.closed = True
                 sub.wake.set()

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from . import events, history
 from .metrics import Metrics
-from .providers import Finish, Message, Provider, ProviderError
+from .providers import Finish, Message, Provider, ProviderError, Reasoning
 from .store import AppendResult, Store, transient
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,23 @@ class _Ended(Exception):
     """The store refused an append: the session ended elsewhere (cancelled, orphaned) or expired."""
 
 
+EMPTY_ANSWER = "empty_answer"
+
 # How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
 OUTAGE_SECONDS = 30.0
 # The pause before an entry that failed alone (its cluster master failing over) is sent again.
 RETRY_SECONDS = 0.1
 
 
-class _Writer:
-    """One session's text on its way to the store: coalesced, at most one append in flight.
+class _Broken(Exception):
+    """This session's entries could not be sent (a fault of its own data or a bug); the traceback is logged."""
 
-    Tokens travel through the process's `_Batcher`; the terminal event is appended directly.
+
+class _Writer:
+    """One session's text and reasoning on their way to the store: coalesced, at most one append in flight.
+
+    Entries travel through the process's `_Batcher`; the terminal event is appended directly. Consecutive
+    deltas of one kind join one entry; a change of kind starts the next, so the order is kept.
     """
 
     def __init__(
@@ -47,8 +54,10 @@ class _Writer:
         self.sid = session_id
         self._on_cancel = on_cancel
         self._metrics = metrics
+        self._kind = events.TOKEN  # the kind of the run in _pending
         self._pending: list[str] = []
-        self._pieces = 0  # provider deltas in _pending, for the tokens-relayed counter
+        self._runs: list[tuple[str, str]] = []  # closed runs before _pending: (event, text)
+        self._pieces = 0  # provider deltas waiting, for the tokens-relayed counter
         self._flying = False  # queued for, or inside, a batch
         self._idle = asyncio.Event()
         self._idle.set()
@@ -56,11 +65,21 @@ class _Writer:
         self._started = time.monotonic()
         self.error: BaseException | None = None
         self.entries = 0
-        self.stored: list[str] = []  # the text appended so far, for the conversation's history
+        self.stored: list[str] = []  # the answer text appended so far, for the conversation's history
 
     def add(self, text: str) -> None:
+        if self._kind is not events.TOKEN:
+            self._switch(events.TOKEN)
+        self._add(text)
+
+    def add_reasoning(self, text: str) -> None:
+        if self._kind is not events.REASONING:
+            self._switch(events.REASONING)
+        self._add(text)
+
+    def _add(self, text: str) -> None:
         if self.error is not None:
-            raise self.error  # _Ended, or the store failed for longer than an outage may last
+            raise self.error  # _Ended, _Broken, or the store failed for longer than an outage may last
         self._pending.append(text)
         self._pieces += 1
         if not self._flying:
@@ -68,53 +87,76 @@ class _Writer:
             self._idle.clear()
             self._batcher.schedule(self)
 
-    def take(self) -> tuple[str, int]:
-        """The pending text as one entry, and how many deltas it joins; called by the batcher."""
-        text, pieces = "".join(self._pending), self._pieces
-        self._pending.clear()
-        self._pieces = 0
-        return text, pieces
+    def _switch(self, kind: str) -> None:
+        if self._pending:
+            self._runs.append((self._kind, "".join(self._pending)))
+            self._pending.clear()
+        self._kind = kind
 
-    def landed(self, text: str, pieces: int, result: AppendResult | Exception) -> None:
-        """The batcher's answer for this writer's entry."""
-        if isinstance(result, Exception) and transient(result):
-            # Only this entry failed (on a cluster, its master is failing over): try it again shortly.
-            if self.bounced(text, pieces, result):
-                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._batcher.schedule, self)
-            return
-        if isinstance(result, Exception) or result.ended:
-            self._fail(result if isinstance(result, Exception) else _Ended())
-            return
+    def take(self) -> tuple[list[tuple[str, str]], int]:
+        """The next entry, as [(event, text)], and how many deltas it joins; called by the batcher.
+
+        One entry per session per batch: on a cluster the store checks each append against the session's
+        last id, which a second entry in the same round trip could not know. Runs of one kind join.
+        """
+        self._switch(self._kind)
+        kind, text = self._runs[0]
+        joined = 1
+        while joined < len(self._runs) and self._runs[joined][0] == kind:
+            text += self._runs[joined][1]
+            joined += 1
+        del self._runs[:joined]
+        pieces, self._pieces = self._pieces, 0
+        return [(kind, text)], pieces
+
+    def landed(self, entries: list[tuple[str, str]], pieces: int, results: list[AppendResult | Exception]) -> None:
+        """The batcher's answers for this writer's entries, one each."""
+        for i, ((event, text), result) in enumerate(zip(entries, results, strict=True)):
+            if isinstance(result, Exception) and transient(result):
+                # Only this session's entries failed (on a cluster, its master is failing over): again shortly.
+                if self.bounced(entries[i:], pieces if i == 0 else 0, result):
+                    asyncio.get_running_loop().call_later(RETRY_SECONDS, self._batcher.schedule, self)
+                return
+            if isinstance(result, Exception) or result.ended:
+                self._fail(result if isinstance(result, Exception) else _Ended())
+                return
+            self.entries += 1
+            if event == events.TOKEN:
+                self.stored.append(text)
+            if result.cancel_requested:
+                self._on_cancel.set()
         self._outage_since = None
-        self.entries += 1
-        self.stored.append(text)
-        if self.entries == 1:
+        if self.entries and self.entries == len(entries):
             self._metrics.ttft.observe(time.monotonic() - self._started)
         self._metrics.tokens_relayed.inc(pieces)
-        if result.cancel_requested:
-            self._on_cancel.set()
-        if self._pending:
+        if self._pending or self._runs:
             self._batcher.schedule(self)
         else:
             self._flying = False
             self._idle.set()
 
-    def bounced(self, text: str, pieces: int, exc: Exception) -> bool:
-        """The batch failed as a whole: put the text back in front; False once the outage lasted too long."""
+    def bounced(self, entries: list[tuple[str, str]], pieces: int, exc: Exception) -> bool:
+        """The batch failed as a whole: put the entries back in front; False once the outage lasted too long."""
         now = time.monotonic()
         self._outage_since = self._outage_since or now
         if now - self._outage_since > OUTAGE_SECONDS:
             self._fail(exc)
             return False
-        self._pending.insert(0, text)
+        self._runs[:0] = entries
         self._pieces += pieces
         return True
+
+    def broken(self, exc: BaseException) -> None:
+        """This writer's entries failed for a reason of their own; the batcher has logged the traceback."""
+        self._fail(_Broken(f"{type(exc).__name__}: {exc}"))
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
         self._pending.clear()
+        self._runs.clear()
         self._flying = False
         self._idle.set()
+        self._on_cancel.set()  # stops the copy loop now rather than at its next delta
 
     async def drain(self) -> None:
         """Wait until every added text is stored."""
@@ -123,7 +165,10 @@ class _Writer:
             raise self.error
 
     async def finish(self, event: str, data: str, status: str) -> None:
-        await self.drain()
+        """Append the terminal event once the entries before it are settled; _Ended if the session ended."""
+        await self._idle.wait()
+        if isinstance(self.error, _Ended):
+            raise self.error
         result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data, terminal_status=status))
         if result.ended:
             raise _Ended
@@ -145,6 +190,10 @@ async def _retrying(session_id: str, call: Callable[[], Awaitable[AppendResult]]
             delay = min(delay * 2, 0.5)
 
 
+# Per writer: the writer, its entries (event, text), how many deltas they join, the store items they became.
+_Batch = list[tuple[_Writer, list[tuple[str, str]], int, list[tuple[str, str, str]]]]
+
+
 class _Batcher:
     """Sends every session's pending text in one pipeline per round trip.
 
@@ -160,14 +209,14 @@ class _Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, on_end: Callable[[asyncio.Task[None]], None]) -> None:
         self._task = asyncio.create_task(self._run(), name="producer-batcher")
+        self._task.add_done_callback(on_end)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # an end of its own was logged when it happened
 
     def schedule(self, writer: _Writer) -> None:
         self._queue[writer.sid] = writer
@@ -180,36 +229,102 @@ class _Batcher:
             self._wake.clear()
             writers = list(self._queue.values())
             self._queue.clear()
-            batch = [(writer, *writer.take()) for writer in writers]
             try:
-                results = await self._store.append_many(
-                    [(writer.sid, events.TOKEN, events.token_data(text)) for writer, text, _ in batch]
-                )
-            except (RedisError, OSError) as exc:
-                self._metrics.redis_errors.labels("producer").inc()
-                log.warning("appending %d entries failed (%s); retrying", len(batch), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                for writer, text, pieces in batch:
-                    if writer.bounced(text, pieces, exc):
-                        self.schedule(writer)
+                if await self._send(writers):
+                    delay = 0.05
+                    continue
+            except Exception:
+                # A bug here must not end the process's only writer: fail this batch's sessions, go on.
+                log.exception("a batch of %d sessions failed", len(writers))
+                for writer in writers:
+                    writer.broken(RuntimeError("batch failed"))
                 continue
-            delay = 0.05
-            for (writer, text, pieces), result in zip(batch, results, strict=True):
-                writer.landed(text, pieces, result)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _send(self, writers: list[_Writer]) -> bool:
+        """One round trip for every writer's entries; False if Redis failed and the entries went back."""
+        batch: _Batch = []
+        for writer in writers:
+            try:
+                entries, pieces = writer.take()
+                items = [(writer.sid, event, _entry_data(event, text)) for event, text in entries]
+            except Exception as exc:
+                log.exception("session %s: its entries cannot be stored", writer.sid)
+                writer.broken(exc)
+                continue
+            batch.append((writer, entries, pieces, items))
+        try:
+            results = await self._store.append_many([item for *_, items in batch for item in items])
+        except (RedisError, OSError) as exc:
+            self._metrics.redis_errors.labels("producer").inc()
+            log.warning("appending %d sessions' entries failed (%s); retrying", len(batch), exc)
+            for writer, entries, pieces, _ in batch:
+                if writer.bounced(entries, pieces, exc):
+                    self.schedule(writer)
+            return False
+        except Exception:
+            # One session's entries broke the whole pipeline (say, text Redis cannot encode): send each apart.
+            await self._send_apart(batch)
+            return True
+        at = 0
+        for writer, entries, pieces, items in batch:
+            self._land(writer, entries, pieces, results[at : at + len(items)])
+            at += len(items)
+        return True
+
+    async def _send_apart(self, batch: _Batch) -> None:
+        for writer, entries, pieces, items in batch:
+            try:
+                results = await self._store.append_many(items)
+            except (RedisError, OSError) as exc:
+                if writer.bounced(entries, pieces, exc):
+                    self.schedule(writer)
+                continue
+            except Exception as exc:
+                log.exception("session %s: its entries cannot be stored", writer.sid)
+                writer.broken(exc)
+                continue
+            self._land(writer, entries, pieces, results)
+
+    def _land(
+        self, writer: _Writer, entries: list[tuple[str, str]], pieces: int, results: list[AppendResult | Exception]
+    ) -> None:
+        try:
+            writer.landed(entries, pieces, results)
+        except Exception as exc:
+            log.exception("session %s: the store's answer could not be applied", writer.sid)
+            writer.broken(exc)
+
+
+def _entry_data(event: str, text: str) -> str:
+    return events.token_data(text) if event == events.TOKEN else events.reasoning_data(text)
 
 
 class Producers:
     """This process's generation tasks, their leases and their cancellation."""
 
     def __init__(
-        self, store: Store, provider: Provider, metrics: Metrics, *, lease_ttl: float, max_events: int
+        self,
+        store: Store,
+        provider: Provider,
+        metrics: Metrics,
+        *,
+        lease_ttl: float,
+        max_events: int,
+        deadline: float = 600.0,
+        reasoning: bool = True,
+        on_fatal: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._store = store
         self._provider = provider
         self._metrics = metrics
         self._lease_ttl = lease_ttl
         self._max_events = max_events
+        self._deadline = deadline
+        self._reasoning = reasoning
+        self._on_fatal = on_fatal
+        self._closing = False
         self.accepting = True
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
@@ -220,8 +335,17 @@ class Producers:
         self.on_generating: Callable[[str, bool], None] = lambda session_id, generating: None
 
     async def start(self) -> None:
-        self._batcher.start()
+        self._batcher.start(self._task_ended)
         self._lease_task = asyncio.create_task(self._keep_leases(), name="producer-leases")
+        self._lease_task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A shared task may only end in close(); any other end is fatal for the instance, and said loudly."""
+        if self._closing:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.critical("shared task %s ended unexpectedly", task.get_name(), exc_info=exc)
+        self._on_fatal(task.get_name())
 
     @property
     def active(self) -> int:
@@ -257,10 +381,10 @@ class Producers:
 
     async def close(self) -> None:
         """Stop generating: each unfinished answer ends with a retryable error, then tasks are awaited."""
+        self._closing = True
         if self._lease_task is not None:
             self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+            await asyncio.wait({self._lease_task})  # an end of its own was logged when it happened
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -276,6 +400,8 @@ class Producers:
         try:
             finish = await self._relay(messages, writer, cancel)
             await writer.drain()
+            if finish.finish_reason in ("stop", "length") and not "".join(writer.stored).strip():
+                raise ProviderError(EMPTY_ANSWER, "The AI provider's answer had no text.", retryable=True)
             await self._remember(*turn, writer)
             await writer.finish(events.DONE, events.done_data(finish.finish_reason, _usage(finish)), _status(finish))
             outcome = finish.finish_reason
@@ -295,6 +421,9 @@ class Producers:
                 writer, "server_shutdown", "The server stopped before the answer was complete.", retryable=True
             )
             raise
+        except _Broken:
+            outcome = "internal_error"  # the batcher logged the traceback when it happened
+            await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         except (RedisError, OSError) as exc:
             outcome = "store_unavailable"
             self._metrics.redis_errors.labels("producer").inc()
@@ -318,7 +447,7 @@ class Producers:
         relay = asyncio.create_task(self._copy(messages, writer))
         waiter = asyncio.create_task(cancel.wait())
         try:
-            await asyncio.wait({relay, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({relay, waiter}, timeout=self._deadline, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
             if not relay.done():
@@ -326,20 +455,34 @@ class Producers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
         if relay.cancelled():
+            if not cancel.is_set():
+                raise ProviderError(
+                    "upstream_timeout", f"The answer took longer than {self._deadline:g}s and was cut.", retryable=True
+                )
             return Finish("cancelled")
         return relay.result()
 
     async def _copy(self, messages: Sequence[Message], writer: _Writer) -> Finish:
-        """The per-delta hot path: nothing here but a type check and a list append."""
+        """The per-delta hot path: nothing here but a type check and a list append.
+
+        Only a str is answer text; anything a provider yields that is not str, Reasoning or Finish is a bug
+        that fails this answer (internal_error), never the writer shared with other sessions.
+        """
         stream = self._provider.stream(messages)
         try:
             async for item in stream:
-                if isinstance(item, Finish):
+                if type(item) is str:
+                    if item:
+                        writer.add(item)
+                        if writer.entries >= self._max_events:
+                            return Finish("length")
+                elif isinstance(item, Finish):
                     return item
-                if item:
-                    writer.add(item)
-                    if writer.entries >= self._max_events:
-                        return Finish("length")
+                elif isinstance(item, Reasoning):
+                    if self._reasoning and item.text:
+                        writer.add_reasoning(item.text)
+                else:
+                    raise TypeError(f"the provider yielded a {type(item).__name__}, not text")
             return Finish("stop")
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
@@ -369,13 +512,15 @@ class Producers:
                 continue
             try:
                 flags = await self._store.renew_leases(sids)
+                for sid, flag in flags.items():
+                    if flag == "1":
+                        self.cancel(sid)  # a cancel notice may be lost; the flag is not
             except (RedisError, OSError) as exc:
                 self._metrics.redis_errors.labels("lease").inc()
                 log.warning("lease renewal failed: %s", exc)
-                continue
-            for sid, flag in flags.items():
-                if flag == "1":
-                    self.cancel(sid)  # a cancel notice may be lost; the flag is not
+            except Exception:
+                # Leases lapse if this task ends, and every answer here would be declared lost.
+                log.exception("lease renewal of %d sessions failed", len(sids))
 
 
 def _status(finish: Finish) -> str:

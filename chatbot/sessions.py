@@ -133,8 +133,9 @@ async def read(request: web.Request) -> web.Response:
     meta = await store.session(sid)
     if meta is None:
         raise not_found()
-    text = await store.text(sid)
-    return web.json_response({"id": sid, "conversation_id": meta.conversation_id, "status": meta.status, "text": text})
+    text, reasoning = await store.transcript(sid)
+    body = {"id": sid, "conversation_id": meta.conversation_id, "status": meta.status, "text": text}
+    return web.json_response({**body, "reasoning": reasoning})
 
 
 async def cancel(request: web.Request) -> web.Response:

@@ -98,6 +98,12 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
 
 
+def _reasoning(raw: str) -> str:
+    if raw not in ("show", "hide"):
+        raise ValueError(raw)
+    return raw
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("plain", "json"):
         raise ValueError(raw)
@@ -128,6 +134,8 @@ class Settings:
     max_output_tokens: int | None = None
     upstream_idle_timeout_seconds: float = 120.0
     upstream_max_retries: int = 2
+    answer_deadline_seconds: float = 600.0
+    reasoning: str = "show"
     system_prompt: str = ""
     history_ttl_seconds: int = 7 * 86400
     history_max_turns: int = 20
@@ -195,6 +203,10 @@ class Settings:
             upstream_max_retries=_parse(
                 env, "CHATBOT_UPSTREAM_MAX_RETRIES", d.upstream_max_retries, _int_in(0, 20), "an integer 0-20"
             ),
+            answer_deadline_seconds=_parse(
+                env, "CHATBOT_ANSWER_DEADLINE_SECONDS", d.answer_deadline_seconds, _positive_float, "seconds > 0"
+            ),
+            reasoning=_parse(env, "CHATBOT_REASONING", d.reasoning, _reasoning, "show or hide"),
             system_prompt=_system_prompt(env),
             history_ttl_seconds=_parse(
                 env,

@@ -113,6 +113,20 @@ redis.call('PUBLISH', ARGV[4], id)
 return id
 """
 
+# KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel, cutoff (epoch seconds).
+# Ends a session still `queued` that was created before the cutoff, lease or not; false otherwise.
+_FAIL_QUEUED = """
+local state = redis.call('HMGET', KEYS[2], 'status', 'created')
+if state[1] ~= 'queued' or tonumber(state[2] or '0') > tonumber(ARGV[5]) then return false end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', 'error', 'd', ARGV[1])
+redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+redis.call('PUBLISH', ARGV[4], id)
+return id
+"""
+
 # KEYS: stream, meta, lease.  ARGV: done data, maxlen, ttl, channel, cancel channel, session id.
 # The cancel channel is the global one on a single Redis, the session's own on a cluster.
 # Flags the cancel for whichever instance generates; if none holds the lease, ends it here.
@@ -386,6 +400,7 @@ class Store:
 
         self._append = script(_APPEND)
         self._fail_orphan = script(_FAIL_ORPHAN)
+        self._fail_queued = script(_FAIL_QUEUED)
         self._cancel = script(_CANCEL)
         self._renew = script(_RENEW)
         self._append_turn = script(_APPEND_TURN)
@@ -600,11 +615,32 @@ class Store:
             if not isinstance(raw, Exception)
         }
 
+    @_gated
+    async def fail_queued(self, session_ids: Sequence[str], data: str, *, older_than: float) -> list[str]:
+        """End each session still `queued` and created more than `older_than` seconds ago; those it ended."""
+        cutoff = f"{time.time() - older_than:.3f}"
+        ended = []
+        for sid in session_ids:
+            stream, meta, lease = keys.stream(sid), keys.meta(sid), keys.lease(sid)
+            args: list[str | int] = [data, self._maxlen, self._ttl, keys.notify_channel(sid), cutoff]
+            if await self._fail_queued(keys=[stream, meta, lease], args=args):
+                ended.append(sid)
+        return ended
+
     async def text(self, session_id: str) -> str:
         """The answer so far: every token event's text, in order."""
-        return "".join(
-            event.payload()["text"] for event in await self.read_from(session_id, "-") if event.event == events.TOKEN
-        )
+        return (await self.transcript(session_id))[0]
+
+    async def transcript(self, session_id: str) -> tuple[str, str]:
+        """The answer so far and the reasoning so far, each its events' text in order."""
+        text: list[str] = []
+        reasoning: list[str] = []
+        for event in await self.read_from(session_id, "-"):
+            if event.event == events.TOKEN:
+                text.append(event.payload()["text"])
+            elif event.event == events.REASONING:
+                reasoning.append(event.payload()["text"])
+        return "".join(text), "".join(reasoning)
 
     async def close(self) -> None:
         if isinstance(self.redis, RedisCluster):

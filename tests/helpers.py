@@ -96,11 +96,11 @@ def assert_well_formed(events: list[Event], *, complete: bool = True) -> None:
         assert event.data_lines == 1, f"event {i} has {event.data_lines} data lines"
         payload = json.loads(event.data)
         assert isinstance(payload, dict)
-        assert event.type in {"token", "done", "error"}, event.type
-        if event.type == "token":
+        assert event.type in {"token", "reasoning", "done", "error"}, event.type
+        if event.type in ("token", "reasoning"):
             assert isinstance(payload.get("text"), str), payload
         elif event.type == "done":
-            assert payload.get("finish_reason") in {"stop", "length", "cancelled"}, payload
+            assert payload.get("finish_reason") in {"stop", "length", "content_filter", "cancelled"}, payload
         else:
             assert isinstance(payload.get("code"), str), payload
             assert isinstance(payload.get("message"), str), payload
@@ -113,8 +113,9 @@ def assert_well_formed(events: list[Event], *, complete: bool = True) -> None:
         assert events[-1].type in TERMINAL, f"stream ended without a terminal event: {events[-1].type}"
 
 
-def text_of(events: list[Event]) -> str:
-    return "".join(json.loads(e.data)["text"] for e in events if e.type == "token")
+def text_of(events: list[Event], kind: str = "token") -> str:
+    """The text of the `token` events (or of another kind with a text field, such as `reasoning`)."""
+    return "".join(json.loads(e.data)["text"] for e in events if e.type == kind)
 
 
 async def get_session(client: Any, session_id: str) -> dict[str, Any]:

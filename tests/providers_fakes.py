@@ -21,6 +21,7 @@ class Reply:
     pause: float = 0.0  # seconds between pieces
     then: str = "end"  # "end": finish the body; "drop": cut the connection; "stall": send nothing more
     forever: bytes = b""  # if set, after the pieces write this every `pause` seconds until the client leaves
+    every: float = 0.0  # the interval of `forever` instead of `pause`, if set
 
 
 class FakeUpstream:
@@ -69,7 +70,7 @@ class FakeUpstream:
                     await asyncio.sleep(reply.pause)
             while reply.forever:
                 await response.write(reply.forever)
-                await asyncio.sleep(reply.pause)
+                await asyncio.sleep(reply.every or reply.pause)
             if reply.then == "drop":
                 assert request.transport is not None
                 request.transport.abort()

@@ -201,11 +201,11 @@ async def test_connection_lost_mid_answer_fails_keeping_the_text(
     assert "Half an answer".startswith(session["text"])
 
 
-async def test_body_that_ends_without_the_last_event_is_a_lost_connection(
+async def test_body_that_ends_before_any_finish_reason_is_a_lost_connection(
     api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any
 ) -> None:
     events = events_for(api)(["Half ", "an ", "answer"])
-    upstream.script(Reply(events[:-2]))  # a clean end of body, but no [DONE] / message_stop
+    upstream.script(Reply(events[:-3]))  # a clean end of body before the finish / stop reason
     client = await serve(provider_settings(api, upstream, monkeypatch))
     created, stream = await answer(client)
     assert error_payload(stream)["code"] == "upstream_disconnected"

@@ -57,6 +57,8 @@ def test_empty_redis_url_means_embedded() -> None:
         ("CHATBOT_SESSION_TTL_SECONDS", "1.5"),
         ("CHATBOT_CORS_ORIGINS", "example.com"),
         ("CHATBOT_REDIS_CLUSTER", "yes"),
+        ("CHATBOT_REASONING", "maybe"),
+        ("CHATBOT_ANSWER_DEADLINE_SECONDS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -74,3 +76,9 @@ def test_serve_refuses_to_start_on_a_bad_value() -> None:
     )
     assert result.returncode == 2
     assert "CHATBOT_PORT" in result.stderr and "'eighty'" in result.stderr
+
+
+def test_reasoning_and_answer_deadline_are_read() -> None:
+    settings = Settings.from_env({"CHATBOT_REASONING": "hide", "CHATBOT_ANSWER_DEADLINE_SECONDS": "90"})
+    assert (settings.reasoning, settings.answer_deadline_seconds) == ("hide", 90.0)
+    assert (Settings().reasoning, Settings().answer_deadline_seconds) == ("show", 600.0)

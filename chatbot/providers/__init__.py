@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "content_filter", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,13 @@ class Message:
 class Usage:
     input_tokens: int
     output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """The model's thinking, streamed apart from its answer: a `reasoning` event, never answer text."""
+
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +50,8 @@ class ProviderError(Exception):
 class Provider(Protocol):
     name: str
 
-    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
-        """Yield text deltas as the model produces them, then at most one Finish."""
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
+        """Yield answer text as `str` and thinking as `Reasoning`, then one Finish; or raise ProviderError."""
         ...
 
     async def aclose(self) -> None: ...

@@ -16,15 +16,14 @@ import anthropic
 import httpx2
 from anthropic.types import MessageParam
 
-from . import Finish, FinishReason, Message, ProviderError, Usage, failures
-from .transport import AiohttpTransport, raw_body, relay_body
+from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from .transport import AiohttpTransport, event_stream, relay_body
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 # The Messages API requires a limit; this one applies when CHATBOT_MAX_OUTPUT_TOKENS is not set.
 DEFAULT_MAX_TOKENS = 4096
-_LENGTH_REASONS = frozenset({"max_tokens", "model_context_window_exceeded"})
 _ERROR_CODES = {
     "overloaded_error": failures.UNAVAILABLE,
     "api_error": failures.UNAVAILABLE,
@@ -59,7 +58,7 @@ class AnthropicProvider:
             http_client=httpx2.AsyncClient(transport=self._transport, trust_env=False),
         )
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
+    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         turns = [cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"]
         async with contextlib.AsyncExitStack() as stack:
@@ -74,55 +73,91 @@ class AnthropicProvider:
                 response = await stack.enter_async_context(request)
             except anthropic.APIError as exc:
                 raise _failure(exc) from exc
-            async for item in relay_body(raw_body(response.http_response), EventParser()):
+            async for item in relay_body(await event_stream(response.http_response), EventParser()):
                 yield item
 
     async def aclose(self) -> None:
         await self._client.close()
 
 
-class EventParser:
-    """Messages stream events → text; remembers the stop reason and usage until `message_stop`."""
+_STOP_REASONS: dict[str, FinishReason] = {
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
 
-    __slots__ = ("input_tokens", "output_tokens", "reason")
+
+class EventParser:
+    """Messages stream events → text and thinking; `message_delta`'s stop reason ends the answer.
+
+    Text deltas are the answer, `thinking_delta`s reasoning; signatures, tool input and citations carry
+    nothing shown. An `error` event ends the answer with the error's code and message.
+    """
+
+    __slots__ = ("ended", "input_tokens", "mixed", "output_tokens", "reason")
 
     def __init__(self) -> None:
         self.reason: FinishReason = "stop"
         self.input_tokens: int | None = None
         self.output_tokens = 0
+        self.ended = False
+        self.mixed = False
 
-    def take(self, events: list[bytes], texts: list[str]) -> Finish | None:
+    def finish(self) -> Finish:
+        return Finish(self.reason, self._usage())
+
+    def take(self, events: list[bytes], out: list[str | Reasoning]) -> Finish | None:
         loads = json.loads
         for data in events:
             event = loads(data)
-            kind = event["type"]
+            if type(event) is not dict:
+                raise _bad("an event that is not a JSON object", data)
+            kind = event.get("type")
             if kind == "content_block_delta":
-                delta = event["delta"]
-                if delta.get("type") == "text_delta":
-                    texts.append(delta["text"])
+                delta = _object(event.get("delta"), "a `delta` that is not an object", data)
+                dtype = delta.get("type")
+                if dtype == "text_delta":
+                    out.append(_string(delta.get("text"), data))
+                elif dtype == "thinking_delta":
+                    out.append(Reasoning(_string(delta.get("thinking"), data)))
+                    self.mixed = True
+            elif kind == "content_block_start":
+                block = _object(event.get("content_block"), "a `content_block` that is not an object", data)
+                if block.get("type") == "text" and block.get("text"):
+                    out.append(_string(block["text"], data))
+                elif block.get("type") == "thinking" and block.get("thinking"):
+                    out.append(Reasoning(_string(block["thinking"], data)))
+                    self.mixed = True
             elif kind == "message_start":
-                self._count(event["message"].get("usage"))
+                message = _object(event.get("message"), "a `message` that is not an object", data)
+                self._count(message.get("usage"), data)
             elif kind == "message_delta":
-                if event["delta"].get("stop_reason") in _LENGTH_REASONS:
-                    self.reason = "length"
-                self._count(event.get("usage"))
+                delta = _object(event.get("delta"), "a `delta` that is not an object", data)
+                reason = delta.get("stop_reason")
+                if reason is not None:
+                    if type(reason) is not str:
+                        raise _bad("a `stop_reason` that is not a string", data)
+                    self.reason = _STOP_REASONS.get(reason, "stop")  # end_turn, stop_sequence, tool_use, …
+                    self.ended = True
+                self._count(event.get("usage"), data)
             elif kind == "message_stop":
-                return Finish(self.reason, self._usage())
+                return self.finish()
             elif kind == "error":
-                raise _stream_error(event.get("error") or {})
+                raise _stream_error(event.get("error"))
         return None
 
-    def _count(self, usage: Any) -> None:
+    def _count(self, usage: Any, data: bytes) -> None:
         if not usage:
             return
+        if type(usage) is not dict:
+            raise _bad("`usage` that is not an object", data)
         if usage.get("input_tokens") is not None:
             # Cached prompt tokens are counted apart by the API; the prompt is all of them.
             self.input_tokens = sum(
-                int(usage.get(k) or 0)
-                for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+                _int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
             )
         if usage.get("output_tokens") is not None:
-            self.output_tokens = int(usage["output_tokens"])  # cumulative, per the API
+            self.output_tokens = _int(usage["output_tokens"])  # cumulative, per the API
 
     def _usage(self) -> Usage | None:
         if self.input_tokens is None:
@@ -130,9 +165,33 @@ class EventParser:
         return Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens)
 
 
+def _int(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _object(value: Any, what: str, data: bytes) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _bad(what, data)
+    return value
+
+
+def _string(value: Any, data: bytes) -> str:
+    if type(value) is not str:
+        raise _bad("text that is not a string", data)
+    return value
+
+
+def _bad(what: str, data: bytes) -> ProviderError:
+    log.warning("the upstream sent %s: %r", what, data[:500])
+    return failures.unreadable(what)
+
+
 def _stream_error(raw: Any) -> ProviderError:
     log.warning("the upstream reported an error mid-answer: %r", raw)
-    return failures.failure(_ERROR_CODES.get(raw.get("type"), failures.ERROR))
+    if type(raw) is dict and raw.get("type") in _ERROR_CODES:
+        said = raw.get("message")
+        return failures.failure(_ERROR_CODES[raw["type"]], said if type(said) is str else "")
+    return failures.in_band(raw)
 
 
 def _failure(exc: anthropic.APIError) -> ProviderError:

@@ -16,8 +16,8 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from . import Finish, FinishReason, Message, ProviderError, Usage, failures
-from .transport import AiohttpTransport, raw_body, relay_body
+from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from .transport import AiohttpTransport, event_stream, relay_body
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class OpenAIProvider:
             http_client=httpx2.AsyncClient(transport=self._transport, trust_env=False),
         )
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
+    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
         async with contextlib.AsyncExitStack() as stack:
             request = self._client.chat.completions.with_streaming_response.create(
                 model=self._model,
@@ -63,50 +63,136 @@ class OpenAIProvider:
                 response = await stack.enter_async_context(request)
             except openai.APIError as exc:
                 raise _failure(exc) from exc
-            async for item in relay_body(raw_body(response.http_response), ChunkParser()):
+            async for item in relay_body(await event_stream(response.http_response), ChunkParser()):
                 yield item
 
     async def aclose(self) -> None:
         await self._client.close()
 
 
-class ChunkParser:
-    """Chat Completions chunks → text; remembers the finish reason and usage until `[DONE]`."""
+_REASONS: dict[str, FinishReason] = {
+    "length": "length",
+    "max_tokens": "length",
+    "content_filter": "content_filter",
+}
+_TEXT_PARTS = frozenset({"text", "output_text"})
+_THINKING_PARTS = frozenset({"thinking", "reasoning", "reasoning_text"})
 
-    __slots__ = ("reason", "usage")
+
+class ChunkParser:
+    """Chat Completions chunks → text and reasoning; the finish reason and usage end the answer.
+
+    Read from every shape the OpenAI-compatible servers send: `delta.content` as a string or as a list of
+    parts (Mistral), `delta.reasoning_content` (DeepSeek, vLLM, LiteLLM) or `delta.reasoning` (OpenRouter,
+    Ollama, newer vLLM), an `error` object with or without `choices` (OpenRouter, LiteLLM, vLLM), Azure's
+    chunks without choices. Anything of another type is `upstream_bad_response`.
+    """
+
+    __slots__ = ("ended", "mixed", "reason", "usage")
 
     def __init__(self) -> None:
         self.reason: FinishReason = "stop"
         self.usage: Usage | None = None
+        self.ended = False
+        self.mixed = False
 
-    def take(self, events: list[bytes], texts: list[str]) -> Finish | None:
+    def finish(self) -> Finish:
+        return Finish(self.reason, self.usage)
+
+    def take(self, events: list[bytes], out: list[str | Reasoning]) -> Finish | None:
         loads = json.loads
         for data in events:
             if data == b"[DONE]":
                 return Finish(self.reason, self.usage)
             event = loads(data)
+            if type(event) is not dict:
+                raise _bad("a chunk that is not a JSON object", data)
+            if event.get("error") is not None:
+                raise _stream_error(event["error"])
+            if event.get("object") == "error":  # vLLM's error response, sent as a chunk
+                raise _stream_error(event)
             choices = event.get("choices")
             if choices:
+                if type(choices) is not list or type(choices[0]) is not dict:
+                    raise _bad("`choices` that is not a list of objects", data)
                 choice = choices[0]
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    texts.append(text)
-                if choice.get("finish_reason") == "length":
-                    self.reason = "length"
-            elif "error" in event:
-                raise _stream_error(event["error"])
-            if event.get("usage"):
-                self.usage = _usage(event["usage"])
+                delta = choice.get("delta")
+                if delta:
+                    if type(delta) is not dict:
+                        raise _bad("a `delta` that is not an object", data)
+                    thinking = delta.get("reasoning_content") or delta.get("reasoning")
+                    if thinking:
+                        if type(thinking) is not str:
+                            raise _bad("reasoning that is not a string", data)
+                        out.append(Reasoning(thinking))
+                        self.mixed = True
+                    text = delta.get("content")
+                    if text:
+                        if type(text) is str:
+                            out.append(text)
+                        else:
+                            self._parts(text, out, data)
+                reason = choice.get("finish_reason")
+                if reason:
+                    self._end(reason, event, data)
+            usage = event.get("usage")
+            if usage:
+                self.usage = _usage(usage, data)
         return None
 
+    def _parts(self, parts: Any, out: list[str | Reasoning], data: bytes) -> None:
+        """`content` as a list of parts: text parts are the answer, thinking parts reasoning, in order."""
+        if type(parts) is not list:
+            raise _bad("`content` that is neither a string nor a list of parts", data)
+        for part in parts:
+            kind = part.get("type") if type(part) is dict else None
+            if kind in _TEXT_PARTS and type(part.get("text")) is str:
+                out.append(part["text"])
+            elif kind in _THINKING_PARTS:
+                text = _thinking_text(part.get(kind) if kind in part else part.get("text"))
+                if text is None:
+                    raise _bad(f"a {kind} part without text", data)
+                out.append(Reasoning(text))
+                self.mixed = True
+            else:
+                raise _bad("a content part that is neither text nor thinking", data)
 
-def _usage(raw: Any) -> Usage:
-    return Usage(input_tokens=int(raw.get("prompt_tokens") or 0), output_tokens=int(raw.get("completion_tokens") or 0))
+    def _end(self, reason: Any, event: dict[str, Any], data: bytes) -> None:
+        if type(reason) is not str:
+            raise _bad("a `finish_reason` that is not a string", data)
+        if reason == "error":
+            raise _stream_error(event.get("error") or "finish_reason error")
+        self.reason = _REASONS.get(reason, "stop")  # stop, eos, tool_calls, function_call, …
+        self.ended = True
+
+
+def _thinking_text(value: Any) -> str | None:
+    """A thinking part's text: a string, or a list of text parts (Mistral's Magistral)."""
+    if type(value) is str:
+        return value
+    if type(value) is list and all(type(p) is dict and type(p.get("text")) is str for p in value):
+        return "".join(p["text"] for p in value)
+    return None
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _usage(raw: Any, data: bytes) -> Usage:
+    if type(raw) is not dict:
+        raise _bad("`usage` that is not an object", data)
+    return Usage(input_tokens=_count(raw.get("prompt_tokens")), output_tokens=_count(raw.get("completion_tokens")))
+
+
+def _bad(what: str, data: bytes) -> ProviderError:
+    log.warning("the upstream sent %s: %r", what, data[:500])
+    return failures.unreadable(what)
 
 
 def _stream_error(raw: Any) -> ProviderError:
     log.warning("the upstream reported an error mid-answer: %r", raw)
-    return failures.failure(failures.ERROR)
+    return failures.in_band(raw)
 
 
 def _failure(exc: openai.APIError) -> ProviderError:

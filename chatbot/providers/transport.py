@@ -8,6 +8,7 @@ more CPU than the answer's own parsing (figures in ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import Protocol
 import aiohttp
 import httpx2
 
-from . import Finish, failures
+from . import Finish, ProviderError, Reasoning, failures
 from .sse_decoder import SSEDecoder
 
 log = logging.getLogger(__name__)
@@ -122,44 +123,109 @@ def raw_body(response: httpx2.Response) -> aiohttp.StreamReader:
     return body.content
 
 
+FIRST_BYTES = 64  # of a body that is not an event stream, quoted in the error
+
+
+async def event_stream(response: httpx2.Response) -> aiohttp.StreamReader:
+    """The body of a streamed answer; ProviderError `upstream_bad_response` if it is not `text/event-stream`."""
+    body = raw_body(response)
+    content_type = response.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() == "text/event-stream":
+        return body
+    try:
+        first = await body.read(FIRST_BYTES)
+    except _READ_ERRORS:
+        first = b""
+    log.warning("the upstream answered %s instead of an event stream: %r", content_type or "(none)", first)
+    raise failures.not_an_event_stream(content_type, first)
+
+
 class EventParser(Protocol):
-    def take(self, events: list[bytes], texts: list[str]) -> Finish | None:
-        """Append the text of these events' data to `texts`; the Finish if one ends the answer."""
+    """Turns one provider's event data into answer text, reasoning and the end of the answer."""
+
+    ended: bool  # the model's own finish or stop reason has arrived
+    mixed: bool  # `out` of the last take() holds Reasoning items; the relay resets it
+
+    def take(self, events: list[bytes], out: list[str | Reasoning]) -> Finish | None:
+        """Append these events' text and reasoning to `out`; the Finish once the protocol's last event came."""
+        ...
+
+    def finish(self) -> Finish:
+        """The end as known so far: used when the body closes or goes quiet after the model's own end."""
         ...
 
 
 _READ_ERRORS = (aiohttp.ClientError, OSError)
-_PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+_PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError, OverflowError)
+# After the model's own finish or stop reason, how long the body may go on (usage, `[DONE]`, pings).
+TAIL_SECONDS = 0.5
 
 
-async def relay_body(body: aiohttp.StreamReader, parser: EventParser) -> AsyncIterator[str | Finish]:
+async def relay_body(body: aiohttp.StreamReader, parser: EventParser) -> AsyncIterator[str | Reasoning | Finish]:
     """The per-chunk hot path: one read, one split, one json.loads per event, at most one yield per read.
 
-    A body that ends without the protocol's last event is a lost connection.
+    Yields answer text as str and thinking as Reasoning (a run of each kind joined), then one Finish.
+    Once the model's own end has arrived, a body that closes, drops or keeps talking past TAIL_SECONDS
+    ends the answer normally; before it, a body that ends is a lost connection.
     Text parsed before a failure is yielded before the failure is raised.
     """
     decoder = SSEDecoder()
     while True:
         try:
-            chunk = await body.readany()
+            if parser.ended:
+                async with asyncio.timeout(TAIL_SECONDS):
+                    chunk = await body.readany()
+            else:
+                chunk = await body.readany()
+        except TimeoutError:
+            if not parser.ended:
+                raise failures.for_read_error(TimeoutError()) from None
+            chunk = b""
         except _READ_ERRORS as exc:
-            raise failures.for_read_error(exc) from exc
+            if not parser.ended:
+                raise failures.for_read_error(exc) from exc
+            chunk = b""
         if not chunk:
+            if parser.ended:
+                yield parser.finish()
+                return
             raise failures.failure(failures.DISCONNECTED)
-        texts: list[str] = []
+        out: list[str | Reasoning] = []
         try:
-            finish = parser.take(decoder.feed(chunk), texts)
+            finish = parser.take(decoder.feed(chunk), out)
         except _PARSE_ERRORS as exc:
             log.warning("unreadable event from the upstream: %r", exc)
-            if texts:
-                yield "".join(texts)
+            for item in _runs(out, parser):
+                yield item
             raise failures.failure(failures.BAD_RESPONSE) from exc
-        except Exception:
-            if texts:
-                yield "".join(texts)
+        except ProviderError:
+            for item in _runs(out, parser):
+                yield item
             raise
-        if texts:
-            yield texts[0] if len(texts) == 1 else "".join(texts)
+        if out:
+            if parser.mixed:
+                for item in _runs(out, parser):
+                    yield item
+            else:
+                yield out[0] if len(out) == 1 else "".join(out)  # type: ignore[arg-type]
         if finish is not None:
             yield finish
             return
+
+
+def _runs(out: list[str | Reasoning], parser: EventParser) -> list[str | Reasoning]:
+    """Consecutive items of one kind joined: text, then reasoning, then text again stay three items."""
+    parser.mixed = False
+    runs: list[str | Reasoning] = []
+    for item in out:
+        last = runs[-1] if runs else None
+        if isinstance(item, str):
+            if isinstance(last, str):
+                runs[-1] = last + item
+            elif item:
+                runs.append(item)
+        elif isinstance(last, Reasoning):
+            runs[-1] = Reasoning(last.text + item.text)
+        elif item.text:
+            runs.append(item)
+    return runs
