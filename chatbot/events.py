@@ -90,7 +90,18 @@ def frame(event: Event) -> bytes:
 
 
 def retry_field(milliseconds: int) -> bytes:
-    """The reconnection delay a response starts with; an event with no data dispatches nothing."""
+    """The `retry:` line that sets the reconnection delay.
+
+    No blank line follows: the field is processed when it is read, and a block without data that ends in
+    a blank line makes some clients (httpx-sse) dispatch an empty event.
+    """
     if milliseconds < 0:
         raise ValueError("retry must not be negative")
-    return b"retry: " + str(milliseconds).encode() + SEP + SEP
+    return b"retry: " + str(milliseconds).encode() + SEP
+
+
+def comment(text: str) -> bytes:
+    """One comment line (ignored by every client; for people reading the wire), no blank line after it."""
+    if "\r" in text or "\n" in text:
+        raise ValueError("a comment must be a single line")
+    return b": " + text.encode() + SEP

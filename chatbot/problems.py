@@ -10,12 +10,14 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from .appkeys import METRICS
 from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://chatbot.invalid/problems/"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed its connection first
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,7 +48,7 @@ def response(problem: Problem, instance: str) -> web.Response:
         status=problem.status,
         body=json.dumps(body).encode(),
         content_type=CONTENT_TYPE,
-        headers=problem.headers,
+        headers={"Cache-Control": "no-store", **problem.headers},
     )
 
 
@@ -71,6 +73,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if exc.status < 400:
             raise
         return response(_from_http_error(exc), request.path)
+    except ConnectionResetError:
+        # The client left before its answer could be written: routine, and no fault of the store.
+        request.app[METRICS].client_disconnects.labels("before_response").inc()
+        log.debug("client left before the response to %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)  # never reaches anyone; seen in the access log
     except (StoreUnavailable, RedisError, ConnectionError, TimeoutError) as exc:
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
         return response(
