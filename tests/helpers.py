@@ -166,7 +166,7 @@ async def metric_value(client: Any, name: str, **labels: str) -> float:
 COME_BACK = re.compile(rb"\A: ([a-z_]+)\r\nretry: ([0-9]+)\r\n\Z")
 
 
-async def assert_come_back(resp: Any, reason: str, wait_seconds: float) -> int:
+async def assert_come_back(resp: Any, reason: str, wait_seconds: float, *, jitter: float = 0.5) -> int:
     """A passing condition on /events/: 200 text/event-stream, a comment naming it, `retry:` with jitter, the end."""
     body = await resp.read()
     assert resp.status == 200, f"{resp.status}: {body[:300]!r}"
@@ -176,5 +176,5 @@ async def assert_come_back(resp: Any, reason: str, wait_seconds: float) -> int:
     assert match, f"not a lone comment + retry: {body!r}"
     assert match.group(1).decode() == reason
     retry_ms = int(match.group(2))
-    assert wait_seconds * 1000 <= retry_ms <= wait_seconds * 1500, retry_ms
+    assert wait_seconds * 1000 <= retry_ms < wait_seconds * 1000 * (1 + jitter) + 1, retry_ms
     return retry_ms
