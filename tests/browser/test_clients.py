@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from chatbot.providers.demo import demo_answer
-from tests.browser.conftest import StartService
+from tests.browser.conftest import ScriptedProvider, StartService
 from tests.browser.cutting_proxy import LAST_EVENT_ID_HEADER, CuttingProxy
 from tests.clients.readers import (
     NAMED,
@@ -43,6 +43,7 @@ TOKENS = 60
 SERVICE = {"demo_tokens_per_second": 30.0, "demo_answer_tokens": TOKENS, "sse_retry_ms": 100}
 
 MakeProxy = Callable[..., Awaitable[CuttingProxy]]
+ANY_MESSAGE = "The answer can no longer be read."  # the README snippet's own words
 
 
 @pytest.fixture
@@ -221,3 +222,30 @@ async def test_every_client_reads_whole_answers_through_nginx_with_the_instance_
             assert time.monotonic() - started < 60
         finally:
             cluster.stop()
+
+
+# --- README's snippet: the server's `error` event beside EventSource's own ---------------------------------
+
+
+async def test_readme_snippet_tells_the_servers_error_from_its_own(
+    start_service: StartService, browser: Any, make_proxy: MakeProxy
+) -> None:
+    answer = "A model that fails half-way through this answer."
+    service = await start_service(provider=ScriptedProvider({"fail": answer}, failures=1), sse_retry_ms=100)
+    base = service.url("").rstrip("/")
+    proxy = await make_proxy(service.server.port or 0, cut_after=0.3)  # its own errors too, on every cut
+    proxy_base = f"http://127.0.0.1:{proxy.port}"
+    failed = await create(base, "fail")
+    reading = await follow_chromium(browser, proxy_base, f"/events/{failed}")
+    # Called once, for the server's terminal `error`, with its data; never for the cuts.
+    assert [how for how, _ in reading.callbacks] == ["error"], reading.callbacks
+    assert reading.callbacks[0][1]["code"] == "upstream_overloaded" and reading.callbacks[0][1]["retryable"] is True
+    assert reading.events[-1].type == "error"
+    terminal = LAST_EVENT_ID_HEADER + b" " + reading.events[-1].id.encode()
+    assert not [r for r in proxy.events_requests if terminal in r.lower()], "it reconnected after the error"
+    # EventSource's own final error: an unknown session (404), and a resume after the terminal event (204).
+    unknown = await follow_chromium(browser, proxy_base, "/events/AAAAAAAAAAAAAAAAAAAAAA")
+    assert unknown.callbacks == [("error", {"code": "stream_closed", "message": ANY_MESSAGE, "retryable": False})]
+    after_end = await follow_chromium(browser, proxy_base, f"/events/{failed}?last_event_id={reading.events[-1].id}")
+    assert [payload["code"] for _, payload in after_end.callbacks] == ["stream_closed"]
+    assert after_end.events == []

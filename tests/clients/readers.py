@@ -47,6 +47,7 @@ class Reading:
     connections: int = 0
     end: str = ""  # "terminal" | "status <n>" | "gave up"
     text: str = ""  # the answer as the client's own code put it together (the JS clients' snippet)
+    callbacks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # the snippet's onDone/onError calls
 
     def token_text(self) -> str:
         return "".join(json.loads(e.data)["text"] for e in self.events if e.type == "token")
@@ -172,12 +173,12 @@ PAGE_PATH = "/__client_matrix"
 PAGE = "<!doctype html><html><head><meta charset='utf-8'><title>matrix</title></head><body></body></html>"
 
 INSTRUMENT_JS = """(url) => {
-  window.__reading = {events: [], opens: 0, end: null, text: ""};
+  window.__reading = {events: [], opens: 0, end: null, text: "", calls: []};
   const r = window.__reading;
   const source = followAnswer(url, {
     onText: (piece) => { r.text += piece; },
-    onDone: (done) => { r.end = {how: "done", payload: done}; },
-    onError: (error) => { r.end = {how: "error", payload: error}; },
+    onDone: (done) => { r.end = {how: "done", payload: done}; r.calls.push(["done", done]); },
+    onError: (error) => { r.end = {how: "error", payload: error}; r.calls.push(["error", error]); },
   });
   source.addEventListener("open", () => { r.opens += 1; });
   source.onmessage = (e) => r.events.push({type: "message", id: e.lastEventId, data: e.data});
@@ -210,6 +211,7 @@ async def follow_chromium(browser: Any, base: str, path: str, *, deadline_s: flo
     reading.connections = state["opens"]
     reading.events = [Seen(e["type"], e["data"], e["id"]) for e in state["events"]]
     reading.text = state["text"]
+    reading.callbacks = [(how, payload) for how, payload in state["calls"]]
     end = state["end"]
     reading.end = "closed" if end["payload"].get("code") == "stream_closed" else "terminal"
     return reading
