@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,11 @@ def _from_http_error(exc: web.HTTPException) -> Problem:
     return Problem(exc.status, slug, exc.reason, exc.text or exc.reason, headers=headers)
 
 
+def _client_left(request: web.Request) -> None:
+    request.app[METRICS].client_disconnects.labels("before_response").inc()
+    log.debug("client left before the response to %s %s", request.method, request.path)
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -75,9 +81,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return response(_from_http_error(exc), request.path)
     except ConnectionResetError:
         # The client left before its answer could be written: routine, and no fault of the store.
-        request.app[METRICS].client_disconnects.labels("before_response").inc()
-        log.debug("client left before the response to %s %s", request.method, request.path)
+        _client_left(request)
         return web.Response(status=CLIENT_CLOSED_REQUEST)  # never reaches anyone; seen in the access log
+    except asyncio.CancelledError:
+        # aiohttp cancels a handler whose client left while it read the body; count it, never swallow it.
+        if request.transport is None or request.transport.is_closing():
+            _client_left(request)
+        raise
     except (StoreUnavailable, RedisError, ConnectionError, TimeoutError) as exc:
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
         return response(
