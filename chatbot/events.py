@@ -12,7 +12,7 @@ DONE = "done"
 ERROR = "error"
 TERMINAL = frozenset({DONE, ERROR})
 
-SEP = b"\r\n"  # aiohttp-sse's separator, so every byte on one response uses one convention
+SEP = b"\r\n"  # one line separator for every byte of a response
 
 _EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_ID_PART = 2**64 - 1
