@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from chatbot import events
+from chatbot.eventstream import HEARTBEAT
 
 REDIS = web.AppKey("redis", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
@@ -65,7 +66,7 @@ async def _produce(app: web.Application, session_id: str, message: str) -> None:
 async def stream(request: web.Request) -> web.StreamResponse:
     redis, key = request.app[REDIS], _key(request.match_info["session_id"])
     last = request.headers.get("Last-Event-ID") or "0-0"
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
     await response.prepare(request)
     await response.write(events.retry_field(1000))
     while True:
@@ -73,7 +74,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             {key: last}, count=512, block=BLOCK_MS
         )
         if not reply:
-            await response.write(b": ping\r\n\r\n")
+            await response.write(HEARTBEAT)
             continue
         out = []
         for entry_id, fields in reply[0][1]:

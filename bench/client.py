@@ -1,7 +1,7 @@
 """The load generator's side of the wire: start an answer, read its events, time them.
 
 `Frames` is a lean SSE splitter for the two servers measured here, which both end every line with CRLF
-(aiohttp-sse's and `chatbot.events`'s convention); the tests' spec-complete parser (tests/sse.py) does a
+(`chatbot.events`'s convention); the tests' spec-complete parser (tests/sse.py) does a
 Python step per character, which at tens of thousands of events a second would measure the load generator
 instead of the service. The smoke test checks that both parsers agree on a real stream.
 """

@@ -46,7 +46,6 @@ _PACKAGES = (
     ("redis/", "redis-py"),
     ("asyncio/", "asyncio"),
     ("selectors", "asyncio"),
-    ("aiohttp_sse/", "aiohttp-sse"),
     ("aiohttp/", "aiohttp"),
     ("chatbot/", "chatbot"),
     ("openai/", "openai SDK, httpx2, pydantic"),

@@ -165,7 +165,7 @@ def _cluster(on: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _profile(title: str, prof: dict[str, Any], top: int = 14) -> list[str]:
-    inclusive = [(n, v) for n, v in prof["inclusive"] if "chatbot/" in n or "aiohttp_sse" in n or "openai/" in n]
+    inclusive = [(n, v) for n, v in prof["inclusive"] if "chatbot/" in n or "openai/" in n]
     by_package = ", ".join(f"{name} {share:.0f}%" for name, share in prof.get("packages", []) if share >= 0.5)
     lines = ["", title + ":", "", f"Self time by library: {by_package}.", ""]
     lines += ["| self % | file:function | | incl. % | file:function (chatbot, openai) |"]

@@ -13,7 +13,7 @@ DONE = "done"
 ERROR = "error"
 TERMINAL = frozenset({DONE, ERROR})
 
-SEP = b"\r\n"  # aiohttp-sse's separator, so every byte on one response uses one convention
+SEP = b"\r\n"  # one line separator for every byte of a response
 
 _EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_ID_PART = 2**64 - 1
@@ -95,7 +95,18 @@ def frame(event: Event) -> bytes:
 
 
 def retry_field(milliseconds: int) -> bytes:
-    """The reconnection delay a response starts with; an event with no data dispatches nothing."""
+    """The `retry:` line that sets the reconnection delay.
+
+    No blank line follows: the field is processed when it is read, and a block without data that ends in
+    a blank line makes some clients (httpx-sse) dispatch an empty event.
+    """
     if milliseconds < 0:
         raise ValueError("retry must not be negative")
-    return b"retry: " + str(milliseconds).encode() + SEP + SEP
+    return b"retry: " + str(milliseconds).encode() + SEP
+
+
+def comment(text: str) -> bytes:
+    """One comment line (ignored by every client; for people reading the wire), no blank line after it."""
+    if "\r" in text or "\n" in text:
+        raise ValueError("a comment must be a single line")
+    return b": " + text.encode() + SEP

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from aiohttp import web
 
 from .metrics import Metrics
-from .problems import Problem
 from .settings import Settings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,10 +46,20 @@ def _is_trusted(raw: str, trusted: tuple[Network, ...]) -> bool:
     return any(address in network for network in trusted)
 
 
+class StreamCapReached(Exception):
+    """A cap on open streams is reached; it passes as streams close, so the client should come back."""
+
+    def __init__(self, limit: str, retry_after: float) -> None:
+        super().__init__(f"{limit} reached")
+        self.limit = limit  # "streams_per_address" | "streams_per_instance"
+        self.retry_after = retry_after  # seconds
+
+
 class StreamCaps:
     """Open event streams on this instance, in all and per client address."""
 
-    RETRY_AFTER_SECONDS = 5
+    INSTANCE_RETRY_SECONDS = 1.0  # another instance (or a freed slot) is likely soon
+    ADDRESS_RETRY_SECONDS = 5.0  # the client's own tabs must close one first
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -61,20 +70,13 @@ class StreamCaps:
 
     @contextmanager
     def hold(self, address: str) -> Iterator[None]:
-        """Count one stream for `address` while the block runs; a Problem if a cap is reached."""
+        """Count one stream for `address` while the block runs; StreamCapReached if a cap is reached."""
         if self.open >= self._total:
             self._metrics.rejected.labels("streams_per_instance").inc()
-            raise Problem(
-                503, "instance-full", "Service Unavailable", "This instance holds as many streams as it may.",
-                headers={"Retry-After": "1"},
-            )  # fmt: skip
+            raise StreamCapReached("streams_per_instance", self.INSTANCE_RETRY_SECONDS)
         if self._open[address] >= self._per_address:
             self._metrics.rejected.labels("streams_per_address").inc()
-            raise Problem(
-                429, "too-many-streams", "Too Many Requests",
-                f"At most {self._per_address} open event streams per client.",
-                headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)},
-            )  # fmt: skip
+            raise StreamCapReached("streams_per_address", self.ADDRESS_RETRY_SECONDS)
         self._open[address] += 1
         self.open += 1
         try:

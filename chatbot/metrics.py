@@ -23,7 +23,24 @@ class Metrics:
         self.tokens_relayed = Counter(
             "chatbot_tokens_relayed", "Text deltas received from the provider and stored.", registry=r
         )
-        self.events_sent = Counter("chatbot_events_sent", "Events written to readers.", registry=r)
+        self.events_sent = Counter(
+            "chatbot_events_sent",
+            "Events written to event-stream responses (handed to the socket; a client that left may not have"
+            " read them; the same event counts once per response that carries it).",
+            registry=r,
+        )
+        self.retry_answers = Counter(
+            "chatbot_events_retry_answers",
+            "Event-stream requests answered with only retry: for a condition that passes, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "chatbot_client_disconnects",
+            "Clients that left early: before their response started, or during an event stream.",
+            ["stage"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "chatbot_time_to_first_token_seconds",
             "From the session's creation to its first stored token.",

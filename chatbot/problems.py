@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,12 +11,14 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from .appkeys import METRICS
 from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://chatbot.invalid/problems/"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed its connection first
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,7 +49,7 @@ def response(problem: Problem, instance: str) -> web.Response:
         status=problem.status,
         body=json.dumps(body).encode(),
         content_type=CONTENT_TYPE,
-        headers=problem.headers,
+        headers={"Cache-Control": "no-store", **problem.headers},
     )
 
 
@@ -61,6 +64,11 @@ def _from_http_error(exc: web.HTTPException) -> Problem:
     return Problem(exc.status, slug, exc.reason, exc.text or exc.reason, headers=headers)
 
 
+def _client_left(request: web.Request) -> None:
+    request.app[METRICS].client_disconnects.labels("before_response").inc()
+    log.debug("client left before the response to %s %s", request.method, request.path)
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -71,6 +79,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if exc.status < 400:
             raise
         return response(_from_http_error(exc), request.path)
+    except ConnectionResetError:
+        # The client left before its answer could be written: routine, and no fault of the store.
+        _client_left(request)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)  # never reaches anyone; seen in the access log
+    except asyncio.CancelledError:
+        # aiohttp cancels a handler whose client left while it read the body; count it, never swallow it.
+        if request.transport is None or request.transport.is_closing():
+            _client_left(request)
+        raise
     except (StoreUnavailable, RedisError, ConnectionError, TimeoutError) as exc:
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
         return response(

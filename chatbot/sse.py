@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import random
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 from redis.exceptions import RedisError
 
 from . import events
 from .appkeys import CAPS, HUB, METRICS, SETTINGS, STORE
 from .events import Event
+from .eventstream import HEADERS, EventStream
 from .hub import StreamClosed, Subscriber
-from .limits import client_address
+from .limits import StreamCapReached, client_address
 from .metrics import Metrics
 from .problems import Problem
 from .sessions import not_found, session_id
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 30.0  # seconds a write may wait on a client that stopped reading
+STORE_RETRY_SECONDS = 1.0  # the Retry-After a store outage would have had
+DRAIN_RETRY_SECONDS = 1.0
+RETRY_JITTER = 0.5  # retry: is the wait times a random factor in [1, 1.5], so clients do not come back at once
 
 
 def _resume_point(request: web.Request) -> str | None:
@@ -41,19 +45,52 @@ def _resume_point(request: web.Request) -> str | None:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    """GET (and HEAD) /events/<id>.
+
+    Final answers keep their status: 404 unknown session, 400 malformed Last-Event-ID, 409 an id that is
+    not this session's, 204 when the id is the terminal event. A condition that passes (store outage,
+    stream caps, a draining instance) is answered 200 with only `retry:`, so that an EventSource, for
+    which any other status is final, comes back by itself with its Last-Event-ID.
+    """
     sid = session_id(request)
     resume = _resume_point(request)
-    if await request.app[STORE].session(sid) is None:
-        raise not_found()
-    address = client_address(request, request.app[SETTINGS].trusted_proxies)
     try:
+        meta = await request.app[STORE].session(sid)
+        if meta is None:
+            raise not_found()
+        if request.method == "HEAD":  # the headers a GET would get, without taking a slot or reading
+            return _head(resume, meta.terminal_id)
+        address = client_address(request, request.app[SETTINGS].trusted_proxies)
         with request.app[CAPS].hold(address):
             return await _serve(request, sid, resume)
+    except StreamCapReached as cap:
+        return _come_back(request, cap.limit, cap.retry_after)
     except StreamClosed:
-        raise Problem(
-            503, "draining", "Service Unavailable", "This instance is shutting down; reconnect.",
-            headers={"Retry-After": "1", "Connection": "close"},
-        ) from None  # fmt: skip
+        return _come_back(request, "draining", DRAIN_RETRY_SECONDS, close=True)
+    except ConnectionResetError:
+        raise  # the client left: problems.middleware counts it
+    except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
+        request.app[METRICS].redis_errors.labels("events").inc()
+        log.warning("session %s: store unavailable before the stream started (%s); client told to retry", sid, exc)
+        return _come_back(request, "store_unavailable", STORE_RETRY_SECONDS)
+
+
+def _head(resume: str | None, terminal_id: str | None) -> web.StreamResponse:
+    if resume is not None and resume == terminal_id:
+        return web.Response(status=204)
+    response = web.StreamResponse(status=200, headers=HEADERS)
+    response.enable_chunked_encoding()
+    return response
+
+
+def _come_back(request: web.Request, reason: str, wait_seconds: float, *, close: bool = False) -> web.Response:
+    """200 `text/event-stream` with a comment naming `reason` and `retry:` (the wait, with jitter), then the end."""
+    request.app[METRICS].retry_answers.labels(reason).inc()
+    retry_ms = round(wait_seconds * 1000 * random.uniform(1.0, 1.0 + RETRY_JITTER))
+    response = web.Response(status=200, body=events.comment(reason) + events.retry_field(retry_ms), headers=HEADERS)
+    if close:  # a proxy must not reuse this connection to reach a draining instance
+        response.force_close()
+    return response
 
 
 async def _serve(request: web.Request, sid: str, resume: str | None) -> web.StreamResponse:
@@ -76,19 +113,18 @@ async def _serve(request: web.Request, sid: str, resume: str | None) -> web.Stre
 async def _respond(
     request: web.Request, *, hub_sub: Subscriber, backlog: list[Event], resume: str | None
 ) -> web.StreamResponse:
-    settings, store, hub = request.app[SETTINGS], request.app[STORE], request.app[HUB]
-    response = EventSourceResponse(ping_interval=settings.heartbeat_seconds, send_timeout=SEND_TIMEOUT)
-    await response.prepare(request)
-    # A dead peer is noticed by the ping task failing; it ends this reader too.
-    watcher = asyncio.create_task(response.wait())
-    watcher.add_done_callback(lambda _: _hang_up(hub_sub))
+    settings, store, hub, metrics = request.app[SETTINGS], request.app[STORE], request.app[HUB], request.app[METRICS]
+    response = EventStream(heartbeat_seconds=settings.heartbeat_seconds, send_timeout=SEND_TIMEOUT)
+    await response.prepare(request)  # ClientGone if the client already left
+    # A dead peer is noticed by a heartbeat failing; it ends this reader too.
+    response.on_gone(lambda: _hang_up(hub_sub))
     try:
-        await _write(response, events.retry_field(settings.sse_retry_ms))
+        await response.send(events.retry_field(settings.sse_retry_ms))
         last = resume or "0-0"
         batch = [(event, events.frame(event)) for event in backlog]
         while True:
             if batch:
-                ended = await _send(response, batch, request.app[METRICS])
+                ended = await _send(response, batch, metrics)
                 last = batch[-1][0].id
                 hub_sub.last_id = max(hub_sub.last_id, events.parse_event_id(last))
                 if ended:
@@ -98,23 +134,31 @@ async def _respond(
             if not batch:  # the reader fell behind the hub's queue: read the rest from the stream
                 batch = [(e, events.frame(e)) for e in await store.read_from(hub_sub.session_id, "(" + last)]
     except StreamClosed:
+        if _peer_gone(request):
+            _client_left(metrics, hub_sub.session_id)
         # Shutting down, or the client went away: end without a terminal event so that it reconnects,
         # and close the connection so that a proxy cannot reuse it to reach this instance again.
         response.force_close()
     except (ConnectionResetError, TimeoutError):
-        log.debug("session %s: reader went away", hub_sub.session_id)
-    except RedisError as exc:
+        _client_left(metrics, hub_sub.session_id)
+    except (StoreUnavailable, RedisError, OSError) as exc:
         # Headers are sent, so no problem document can follow: end the stream, the client resumes.
         log.warning("session %s: store failed mid-stream (%s); ending it for a reconnect", hub_sub.session_id, exc)
         response.force_close()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        response.stop_streaming()
+        await response.stop()
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write_eof()
     return response
+
+
+def _peer_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def _client_left(metrics: Metrics, session_id: str) -> None:
+    metrics.client_disconnects.labels("mid_stream").inc()
+    log.debug("session %s: reader went away", session_id)
 
 
 def _hang_up(sub: Subscriber) -> None:
@@ -122,18 +166,13 @@ def _hang_up(sub: Subscriber) -> None:
     sub.wake.set()
 
 
-async def _send(response: EventSourceResponse, batch: list[tuple[Event, bytes]], metrics: Metrics) -> bool:
+async def _send(response: EventStream, batch: list[tuple[Event, bytes]], metrics: Metrics) -> bool:
     """Write events up to and including a terminal one; True if the stream ended."""
     for index, (event, _) in enumerate(batch):
         if event.terminal:
-            await _write(response, b"".join(framed for _, framed in batch[: index + 1]))
+            await response.send(b"".join(framed for _, framed in batch[: index + 1]))
             metrics.events_sent.inc(index + 1)
             return True
-    await _write(response, b"".join(framed for _, framed in batch))
+    await response.send(b"".join(framed for _, framed in batch))
     metrics.events_sent.inc(len(batch))
     return False
-
-
-async def _write(response: EventSourceResponse, data: bytes) -> None:
-    async with asyncio.timeout(SEND_TIMEOUT):
-        await response.write(data)

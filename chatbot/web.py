@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -44,6 +46,16 @@ CORS_ALLOW_HEADERS = ("Content-Type", "Accept", "Last-Event-ID")
 CORS_EXPOSE_HEADERS = ("Location", "Retry-After")
 CORS_MAX_AGE_SECONDS = 600
 
+# Caching. Anything the service answers per session (and every problem) is `no-store`, so that no shared
+# cache keeps one visitor's answer, status or 204 for another. Static files are cacheable: under their plain
+# URL (which embedding sites use) a cache revalidates them with the ETag before each use; under a versioned
+# URL (`?v=<hash of the content>`, which the demo page uses) they never change, so a cache keeps them a year.
+NO_STORE = "no-store"
+REVALIDATE = "no-cache"
+IMMUTABLE = "public, max-age=31536000, immutable"
+VERSION_CHARS = 16
+_LOCAL_REFERENCE = re.compile(r'(src|href)="(/[^"?#]*)"')
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -54,12 +66,31 @@ def setup_web(app: web.Application, settings: Settings, *, root: Path = WEB_ROOT
     """
     if not (root / "index.html").is_file():
         raise FileNotFoundError(f"the widget's files are missing: no {root / 'index.html'}")
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        url = "/" if relative == "index.html" else f"/{relative}"
-        app.router.add_get(url, _file_handler(path))
+    files = {_url(path, root): path for path in sorted(p for p in root.rglob("*") if p.is_file())}
+    versions = {url: version(path.read_bytes()) for url, path in files.items()}
+    for url, path in files.items():
+        if url == "/":
+            app.router.add_get(url, _page_handler(path, versions))
+        else:
+            app.router.add_get(url, _file_handler(path, versions[url]))
+    app.on_response_prepare.append(_no_store_by_default)
     if settings.cors_origins:
         _setup_cors(app, settings.cors_origins)
+
+
+def version(content: bytes) -> str:
+    """The version a static file is served under: a hash of its content."""
+    return hashlib.sha256(content).hexdigest()[:VERSION_CHARS]
+
+
+def _url(path: Path, root: Path) -> str:
+    relative = path.relative_to(root).as_posix()
+    return "/" if relative == "index.html" else f"/{relative}"
+
+
+async def _no_store_by_default(request: web.Request, response: web.StreamResponse) -> None:
+    if "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = NO_STORE
 
 
 def security_headers(content_type: str) -> dict[str, str]:
@@ -67,7 +98,7 @@ def security_headers(content_type: str) -> dict[str, str]:
     headers = {
         "Content-Type": content_type,
         "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "no-cache",
+        "Cache-Control": REVALIDATE,
     }
     if content_type.startswith("text/html"):
         headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
@@ -75,11 +106,32 @@ def security_headers(content_type: str) -> dict[str, str]:
     return headers
 
 
-def _file_handler(path: Path) -> Handler:
+def _file_handler(path: Path, current: str) -> Handler:
     headers = security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT))
+    immutable = {**headers, "Cache-Control": IMMUTABLE}
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(path, headers=headers)
+        # Only the current version is immutable: an old `?v=` gets today's file, revalidated.
+        return web.FileResponse(path, headers=immutable if request.query.get("v") == current else headers)
+
+    return serve
+
+
+def _page_handler(path: Path, versions: dict[str, str]) -> Handler:
+    """The demo page, its references to our own files pointed at their current versions."""
+
+    def pin(match: re.Match[str]) -> str:
+        attribute, url = match.groups()
+        return f'{attribute}="{url}?v={versions[url]}"' if url in versions and url != "/" else match.group(0)
+
+    body = _LOCAL_REFERENCE.sub(pin, path.read_text(encoding="utf-8")).encode()
+    etag = f'"{version(body)}"'
+    headers = {**security_headers(CONTENT_TYPES[".html"]), "ETag": etag}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": REVALIDATE})
+        return web.Response(body=body, headers=headers)
 
     return serve
 

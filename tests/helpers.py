@@ -148,3 +148,34 @@ async def first_event(client: Any, session_id: str, kind: str = "token") -> Even
             for event in parser.feed(chunk):
                 if event.type == kind:
                     return event
+
+
+async def metric_value(client: Any, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels, read from GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    total = 0.0
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+COME_BACK = re.compile(rb"\A: ([a-z_]+)\r\nretry: ([0-9]+)\r\n\Z")
+
+
+async def assert_come_back(resp: Any, reason: str, wait_seconds: float, *, jitter: float = 0.5) -> int:
+    """A passing condition on /events/: 200 text/event-stream, a comment naming it, `retry:` with jitter, the end."""
+    body = await resp.read()
+    assert resp.status == 200, f"{resp.status}: {body[:300]!r}"
+    assert media_type(resp.headers.get("Content-Type")) == "text/event-stream"
+    assert resp.headers.get("Cache-Control") == "no-store"
+    match = COME_BACK.match(body)
+    assert match, f"not a lone comment + retry: {body!r}"
+    assert match.group(1).decode() == reason
+    retry_ms = int(match.group(2))
+    assert wait_seconds * 1000 <= retry_ms < wait_seconds * 1000 * (1 + jitter) + 1, retry_ms
+    return retry_ms

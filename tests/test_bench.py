@@ -14,6 +14,7 @@ import pytest
 from bench.client import Frames
 from bench.upstream import Script, parse_tokens, token_event
 from chatbot import events
+from chatbot.eventstream import HEARTBEAT
 from tests.sse import SSEParser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ TINY = {
 
 
 def test_frames_agree_with_the_spec_parser_however_the_bytes_are_cut() -> None:
-    wire = events.retry_field(1000) + b": ping\r\n\r\n"
+    wire = events.retry_field(1000) + HEARTBEAT
     tokens = [events.Event(f"1-{i}", "token", events.token_data(f"{i}:5 é\u2028")) for i in range(50)]
     wire += b"".join(events.frame(event) for event in tokens)
     wire += events.frame(events.Event("2-0", "done", events.done_data("stop")))

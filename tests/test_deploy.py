@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, RedisServer
 from tests.deploy import COMPOSE, NGINX_TEMPLATE, Cluster, Follower, api_command, compose
-from tests.helpers import assert_well_formed, text_of
+from tests.helpers import assert_come_back, assert_well_formed, text_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -296,7 +296,7 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
         cluster.stop()
 
 
-async def test_stream_caps_answer_429_per_client_and_503_per_instance(
+async def test_stream_caps_answer_retry_per_client_and_per_instance(
     own_redis: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     cluster = await start_cluster(
@@ -311,12 +311,13 @@ async def test_stream_caps_answer_429_per_client_and_503_per_instance(
         first = await http.get(url, headers={"X-Forwarded-For": "203.0.113.1"})
         second = await http.get(url, headers={"X-Forwarded-For": "203.0.113.1"})
         assert (first.status, second.status) == (200, 200)
+        # A cap passes as streams close: 200 with only retry:, so that an EventSource comes back.
         async with http.get(url, headers={"X-Forwarded-For": "203.0.113.1"}) as third:
-            assert third.status == 429 and "Retry-After" in third.headers
+            await assert_come_back(third, "streams_per_address", 5.0)
         other = await http.get(url, headers={"X-Forwarded-For": "203.0.113.2"})
         assert other.status == 200
         async with http.get(cluster.instances[0].url + f"/events/{session_id}") as full:
-            assert full.status == 503 and "Retry-After" in full.headers
+            await assert_come_back(full, "streams_per_instance", 1.0)
         assert await metric(http, cluster.instances[0].url, "chatbot_open_streams") == 3
         for response in (first, second, other):
             response.close()
@@ -327,6 +328,35 @@ async def test_stream_caps_answer_429_per_client_and_503_per_instance(
             await asyncio.sleep(0.05)
         async with http.get(url, headers={"X-Forwarded-For": "203.0.113.1"}) as again:
             assert again.status == 200
+    finally:
+        cluster.stop()
+
+
+async def test_nginx_answers_retry_on_events_when_no_instance_answers(
+    own_redis: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    cluster = await start_cluster(own_redis, 1, tmp_path, http)
+    try:
+        base = cluster.nginx.url
+        session_id = await create(http, base, "nginx retry")
+        async with http.get(f"{base}/events/{session_id}") as resp:
+            assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+            await resp.read()
+        cluster.instances[0].stop()
+        retries = set()
+        for _ in range(4):
+            async with http.get(f"{base}/events/{session_id}", headers={"Last-Event-ID": "1-0"}) as down:
+                retries.add(await assert_come_back(down, "upstream_unavailable", 1.0, jitter=1.0))
+            await asyncio.sleep(0.003)
+        assert len(retries) > 1, "no jitter"
+        # Only nginx's own failures become retry:; elsewhere a 502 stays a 502.
+        async with http.get(f"{base}/sessions/{session_id}") as other:
+            assert other.status == 502
+        cluster.instances[0].start()
+        await cluster.instances[0].wait_ready(http)
+        # The instances' final answers pass through nginx unchanged.
+        async with http.get(f"{base}/events/{session_id}x") as unknown:
+            assert unknown.status == 404 and unknown.headers["Cache-Control"] == "no-store"
     finally:
         cluster.stop()
 

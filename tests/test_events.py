@@ -8,6 +8,7 @@ import pytest
 
 from chatbot import events
 from chatbot.events import Event
+from chatbot.eventstream import HEARTBEAT
 
 
 def test_token_frame_bytes() -> None:
@@ -31,10 +32,19 @@ def test_error_frame_bytes() -> None:
     )
 
 
-def test_retry_field_dispatches_no_event() -> None:
-    assert events.retry_field(1500) == b"retry: 1500\r\n\r\n"
+def test_retry_field_is_one_line_without_a_blank_line() -> None:
+    # A blank line after a block without data makes httpx-sse yield an empty event (issue 10, item 5).
+    assert events.retry_field(1500) == b"retry: 1500\r\n"
+    assert events.retry_field(0) == b"retry: 0\r\n"
     with pytest.raises(ValueError):
         events.retry_field(-1)
+
+
+def test_comment_is_one_line_without_a_blank_line() -> None:
+    assert events.comment("store_unavailable") == b": store_unavailable\r\n"
+    assert HEARTBEAT == b": ping\r\n"
+    with pytest.raises(ValueError):
+        events.comment("two\nlines")
 
 
 TRICKY = [
