@@ -228,9 +228,10 @@ function settle(text) {
   if (tokens.at(-1)?.type === "code") return text; // an open fence shows its code as it comes
   const lines = text.split("\n");
   // A table before its delimiter row is a paragraph of pipes: hold back the pipe rows until it is one.
-  let first = lines.length;
+  const end = lines[lines.length - 1] === "" ? lines.length - 1 : lines.length;
+  let first = end;
   while (first > 0 && PIPE_ROW.test(lines[first - 1])) first--;
-  if (first < lines.length && markdown.lexer(lines.slice(first).join("\n"))[0]?.type !== "table") {
+  if (first < end && markdown.lexer(lines.slice(first).join("\n"))[0]?.type !== "table") {
     text = lines.slice(0, first).join("\n");
   }
   // A link or image whose URL is still arriving: its label as text, the partial URL held back.

@@ -6,8 +6,8 @@
  * the two always agree and a reload resumes after exactly that id.
  *
  * What is stored is always read, even when writing fails (a full or read-only storage). When the whole
- * state does not fit, the newest state that does is kept: older messages are dropped first, then the
- * newest answer is kept without its text, to be read again from its first event after a reload.
+ * state does not fit, the newest state that does is kept: the newest answer without its text (read
+ * again from its first event after a reload), then older messages dropped, oldest first.
  */
 
 export const IN_FLIGHT = new Set(["streaming", "reconnecting"]);
@@ -53,13 +53,16 @@ export function questionOf(state, msg) {
 /** Smaller and smaller forms of `state`, newest kept longest. */
 function* shrinking(state) {
   const all = state.messages;
-  for (let drop = 1; drop < all.length; drop++) yield { ...state, messages: all.slice(drop) };
   const last = all[all.length - 1];
+  let kept = all;
   if (last && last.role === "assistant" && last.sessionId) {
-    // Without its text, the answer is read again from its first event: a gap is never stored.
+    // First the newest answer's text goes: it is read again from its first event after a reload,
+    // so a gap is never stored; the conversation before it stays whole.
     const restarted = { ...last, text: "", reasoning: "", sources: [], lastEventId: null, status: "streaming", note: "" };
-    for (let drop = 0; drop < all.length; drop++) yield { ...state, messages: [...all.slice(drop, -1), restarted] };
+    kept = [...all.slice(0, -1), restarted];
+    yield { ...state, messages: kept };
   }
+  for (let drop = 1; drop < kept.length; drop++) yield { ...state, messages: kept.slice(drop) };
 }
 
 export class Store {
