@@ -174,3 +174,28 @@ async def test_a_follow_up_from_any_tab_continues_the_conversation(start_service
         assert len(events) == 2
     finally:
         await context.close()
+
+
+async def test_without_web_locks_each_tab_streams_for_itself(start_service: StartService, browser: Any) -> None:
+    """An origin without Web Locks (plain http on a public host): no leader, each tab its own stream."""
+    service = await start_service(demo_answer_tokens=20)
+    context = await browser.new_context()
+    await context.add_init_script("delete Navigator.prototype.locks;")
+    events: list[str] = []
+    context.on("request", lambda r: events.append(r.url) if "/events/" in r.url else None)
+    try:
+        tabs = [await context.new_page() for _ in range(2)]
+        for tab in tabs:
+            await tab.goto(service.url("/"))
+            await tab.get_by_test_id("chat-input").wait_for()
+        session_id = await send_from(tabs[0], "No locks here")
+        final = ""
+        for tab in tabs:
+            await wait_status(tab, session_id, "done")
+            final = normalized((await service.session(session_id))["text"])
+            assert await shown_text(tab, session_id) == final
+        assert len(events) == 2, events
+        await tabs[1].get_by_test_id("chat-new").click()
+        await tabs[0].get_by_text("Ask a question to start.").wait_for()
+    finally:
+        await context.close()

@@ -199,7 +199,7 @@ class Widget {
     const prev = msg.lastEventId;
     if (!this.apply(msg, name, id, data)) return;
     this.save(); // text and id together, so a reload resumes exactly here
-    this.tabs.post({ t: "event", sessionId: msg.sessionId, prev, name, id, data });
+    if (this.tabs.shared) this.tabs.post({ t: "event", sessionId: msg.sessionId, prev, name, id, data });
     this.afterApply(msg);
   }
 
@@ -211,7 +211,7 @@ class Widget {
       this.announceOnce(msg, `reconnecting:${msg.lastEventId}`, "Connection lost, reconnecting\u2026", { brief: true });
     }
     this.save();
-    this.tabs.post({ t: "msg", msg });
+    if (this.tabs.shared) this.tabs.post({ t: "msg", msg });
     if (wasInFlight && !IN_FLIGHT.has(msg.status)) this.ended(msg);
     else {
       this.paint(msg, { now: true });
@@ -246,6 +246,8 @@ class Widget {
 
   onTabMessage(message) {
     const leader = this.tabs.leader;
+    // Without a leader election every tab streams for itself; only whole-conversation changes are shared.
+    if (!this.tabs.shared && message.t !== "state") return;
     if (message.t === "event") {
       const msg = this.find(message.sessionId);
       if (!msg || !isAfter(message.id, msg.lastEventId)) return;
@@ -427,6 +429,7 @@ class Widget {
     const imeKey = (event) => event.isComposing || composing || event.keyCode === 229;
     view.input.addEventListener("compositionstart", () => (composing = true));
     view.input.addEventListener("compositionend", () => (composing = false));
+    view.input.addEventListener("blur", () => (composing = false)); // a composition cut short by focus loss
     view.form.addEventListener("submit", (event) => {
       event.preventDefault();
       this.send(view.input.value);

@@ -35,6 +35,8 @@ export class Tabs {
     this.leader = false;
     this.hooks = hooks;
     this.channel = null;
+    // One stream for all tabs needs both a leader (Web Locks) and a way to relay (BroadcastChannel).
+    this.shared = typeof BroadcastChannel === "function" && Boolean(navigator.locks);
     if (typeof BroadcastChannel === "function") {
       this.channel = new BroadcastChannel(name);
       this.channel.onmessage = (event) => {
