@@ -46,6 +46,7 @@ MARKDOWN = (
     "Then:\n\n"
     "1. list your site in `CHATBOT_CORS_ORIGINS`;\n"
     "2. reload, and ask away.\n\n"
+    "| event | means |\n|---|---|\n| `token` | more text |\n| `done` | the answer is whole |\n\n"
     "Answers *survive* a reload, a dropped connection and a [sleeping phone](https://example.com/)."
 )
 
@@ -159,6 +160,7 @@ async def test_model_html_renders_inert(start_service: StartService, start_site:
     rendered = page.locator(f'[data-session-id="{answer}"]')
     assert await rendered.locator("pre code").count() == 1
     assert await rendered.locator("ol li").count() == 2
+    assert await rendered.locator("table td").count() == 4
     link = rendered.locator("a")
     assert await link.get_attribute("rel") == "noopener noreferrer nofollow"
     assert await link.get_attribute("target") == "_blank"
