@@ -264,9 +264,10 @@ class Widget {
         this.controls();
       }
     } else if (message.t === "state") {
-      this.adopt(message.state);
+      // A copy sent for a tab that just opened must not undo a question this tab is sending.
+      if (!(message.sync && this.sending)) this.adopt(message.state);
     } else if (message.t === "sync" && leader) {
-      this.tabs.post({ t: "state", state: this.state });
+      this.tabs.post({ t: "state", state: this.state, sync: true });
     } else if (message.t === "check" && leader) {
       const msg = inFlight(this.state);
       if (msg && msg.sessionId) message.reconcile ? this.stream.reconcile(msg) : this.stream.check(msg);
