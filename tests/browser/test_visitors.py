@@ -295,20 +295,27 @@ async def test_stored_conversation_is_read_when_writes_fail(
 # ---- 3. Two tabs: New conversation in one holds in all ---------------------------------------
 
 
+@pytest.mark.parametrize(
+    "asker, clicker",
+    [(0, 1), (1, 0), (1, 1)],
+    ids=["leader-asks-other-clears", "follower-asks-leader-clears", "follower-asks-and-clears"],
+)
 async def test_new_conversation_in_another_tab_holds_while_this_one_streams(
-    start_service: StartService, page: Any
+    start_service: StartService, page: Any, asker: int, clicker: int
 ) -> None:
     service = await start_service(demo_tokens_per_second=15.0)
     other = await page.context.new_page()
     await page.goto(service.url("/"))
+    await page.get_by_test_id("chat-input").wait_for()  # the first tab is the leader: it holds the stream
     await other.goto(service.url("/"))
-    session_id = await ask(page, "A long answer please")
-    await wait_for_text(page, session_id, " ")
-    await wait_status(other, session_id, "streaming")
+    tabs = (page, other)
+    session_id = await ask(tabs[asker], "A long answer please")
+    await wait_for_text(tabs[asker], session_id, " ")
+    await wait_status(tabs[1 - asker], session_id, "streaming")
 
-    await other.get_by_test_id("chat-new").click()
-    await asyncio.sleep(1.5)  # the first tab's stream would have written its old state by now
-    for tab in (page, other):
+    await tabs[clicker].get_by_test_id("chat-new").click()
+    await asyncio.sleep(1.5)  # the streaming tab would have written its old state by now
+    for tab in tabs:
         assert await assistant_count(tab) == 0
         assert await tab.locator(".msg.user").count() == 0
         assert (await widget_state(tab))["messages"] == []
