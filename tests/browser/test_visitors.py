@@ -639,3 +639,36 @@ async def test_wide_tables_and_code_scroll_inside_their_box(start_service: Start
     assert box["narrowest"] >= 60 and box["wordsWhole"], box
     assert box["msgFits"] and not box["logScrollsSideways"], box
     await screenshot(page, "wide-table")
+
+
+# ---- Any rendering failure shows plain text; the stream goes on ------------------------------
+
+BROKEN_MODULES = {
+    "lexer-throws": ("marked.esm.js", 'export class Marked { lexer() { throw new Error("lexer broke"); } }'),
+    "sanitizer-throws": ("purify.es.mjs", 'export default { sanitize() { throw new Error("purify broke"); } };'),
+    "module-missing": ("marked.esm.js", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_MODULES))
+async def test_a_rendering_failure_shows_plain_text_and_the_stream_goes_on(
+    start_service: StartService, page: Any, case: str
+) -> None:
+    answer = "Plain **markdown** here.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nAnd the end."
+    service = await start_service(provider=ScriptedProvider({"Q": answer}))
+    name, body = BROKEN_MODULES[case]
+
+    async def broken(route: Any) -> None:
+        if body is None:
+            await route.fulfill(status=404, body="missing")
+        else:
+            await route.fulfill(status=200, body=body, headers={"Content-Type": "text/javascript"})
+
+    await page.route(f"**/vendor/{name}", broken)
+    await page.goto(service.url("/"))
+    session_id = await ask(page, "Q")
+    await wait_status(page, session_id, "done")
+    message = page.locator(f'[data-session-id="{session_id}"] .body')
+    assert await message.locator("strong").count() == 0
+    assert "Plain **markdown** here." in await message.inner_text()
+    assert await shown_text(page, session_id) == normalized(answer)

@@ -262,7 +262,8 @@ export class StreamingText {
     } catch (err) {
       console.warn(RENDER_FAILED, err);
       this.reset();
-      this.container.replaceChildren(...plain(text));
+      this.live = plain(text); // replaced whole at the next update
+      this.container.append(...this.live);
     }
   }
 
