@@ -672,3 +672,52 @@ async def test_a_rendering_failure_shows_plain_text_and_the_stream_goes_on(
     assert await message.locator("strong").count() == 0
     assert "Plain **markdown** here." in await message.inner_text()
     assert await shown_text(page, session_id) == normalized(answer)
+
+
+# ---- Streaming in any chunking shows the same text as rendering it whole -------------------------
+
+SAMPLES = [
+    (
+        "# Title\n\nIntro with **bold**, *em*, `code` and a [link](https://example.com/a_(b)).\n\n"
+        "- one\n- two\n\n  still two\n- three\n\n1. first\n2. second\n\n"
+        "> quoted\n> more\n\n```py\ndef f():\n\n    return '<b>'\n```\n\n"
+        "| h1 | h2 |\n|:--|--:|\n| a | b |\n\nText <span>raw</span> & &amp; &#x41;.\n\n---\n\nمرحبا 👋🏽 end"
+    ),
+    "No blank lines at all but *emphasis* and\na line break and `ticks`",
+    "| only | table |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |",
+]
+
+STREAM_RENDER_JS = """async ([text, sizes]) => {
+  const render = await import("/widget/render.js");
+  await render.loadMarkdown(location.origin + "/");
+  const whole = document.createElement("div");
+  new render.StreamingText(whole).update(text, {final: true});
+  const results = [];
+  for (const size of sizes) {
+    const box = document.createElement("div");
+    const streaming = new render.StreamingText(box);
+    let removedCommitted = 0;
+    const committed = new Set();
+    for (let end = size; end < text.length + size; end += size) {
+      for (const node of box.childNodes) if (!streaming.live.includes(node)) committed.add(node);
+      streaming.update(text.slice(0, end));
+      for (const node of committed) if (node.parentNode !== box) removedCommitted++;
+    }
+    streaming.update(text, {final: true});
+    results.push({size, text: box.textContent.replace(/\\s+/g, " ").trim(), removedCommitted});
+  }
+  return {whole: whole.textContent.replace(/\\s+/g, " ").trim(), results};
+}"""
+
+
+@pytest.mark.parametrize("sample", range(len(SAMPLES)))
+async def test_any_chunking_renders_the_same_text(start_service: StartService, page: Any, sample: int) -> None:
+    service = await start_service()
+    await page.goto(service.url("/"))
+    outcome = await page.evaluate(STREAM_RENDER_JS, [SAMPLES[sample], [1, 2, 7, 31]])
+    for result in outcome["results"]:
+        assert result["text"] == outcome["whole"], result
+        assert result["removedCommitted"] == 0, result
+    if sample == 0:
+        assert "Text <span>raw</span> & & A." in outcome["whole"]
+        assert "def f(): return '<b>'" in outcome["whole"]
