@@ -40,6 +40,9 @@ CONTENT_TYPES = {
     ".md": "text/plain; charset=utf-8",
 }
 PLAIN_TEXT = "text/plain; charset=utf-8"
+# The widget is ES modules, which a page on another origin fetches in CORS mode: any page may load
+# them (they are public and sent without credentials); the API's own CORS is limited to the listed origins.
+PUBLIC_TYPES = (".js", ".mjs", ".css")
 
 # What a cross-origin page may send and read: JSON bodies, resumed event streams, problem details.
 CORS_ALLOW_HEADERS = ("Content-Type", "Accept", "Last-Event-ID")
@@ -75,7 +78,7 @@ def setup_web(app: web.Application, settings: Settings, *, root: Path = WEB_ROOT
             app.router.add_get(url, _file_handler(path, versions[url]))
     app.on_response_prepare.append(_no_store_by_default)
     if settings.cors_origins:
-        _setup_cors(app, settings.cors_origins)
+        _setup_cors(app, settings.cors_origins, skip=_file_routes(app, root))
 
 
 def version(content: bytes) -> str:
@@ -93,13 +96,15 @@ async def _no_store_by_default(request: web.Request, response: web.StreamRespons
         response.headers["Cache-Control"] = NO_STORE
 
 
-def security_headers(content_type: str) -> dict[str, str]:
-    """Headers for one served file; pages also get the Content-Security-Policy."""
+def security_headers(content_type: str, *, public: bool = False) -> dict[str, str]:
+    """Headers for one served file; pages also get the Content-Security-Policy, `public` files CORS for all."""
     headers = {
         "Content-Type": content_type,
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": REVALIDATE,
     }
+    if public:
+        headers["Access-Control-Allow-Origin"] = "*"
     if content_type.startswith("text/html"):
         headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         headers["Referrer-Policy"] = "no-referrer"
@@ -107,7 +112,7 @@ def security_headers(content_type: str) -> dict[str, str]:
 
 
 def _file_handler(path: Path, current: str) -> Handler:
-    headers = security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT))
+    headers = security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT), public=path.suffix in PUBLIC_TYPES)
     immutable = {**headers, "Cache-Control": IMMUTABLE}
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -136,7 +141,13 @@ def _page_handler(path: Path, versions: dict[str, str]) -> Handler:
     return serve
 
 
-def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+def _file_routes(app: web.Application, root: Path) -> set[str]:
+    """The URL paths of the public files under `root` (they carry their own CORS header)."""
+    paths = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix in PUBLIC_TYPES}
+    return {f"/{path}" for path in paths}
+
+
+def _setup_cors(app: web.Application, origins: tuple[str, ...], *, skip: set[str]) -> None:
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
         allow_headers=CORS_ALLOW_HEADERS,
@@ -146,5 +157,7 @@ def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
     )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
+        if route.resource is not None and route.resource.canonical in skip:
+            continue
         if route.method != "HEAD":  # aiohttp adds HEAD beside each GET; CORS on the GET covers it
             cors.add(route)

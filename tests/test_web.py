@@ -138,3 +138,17 @@ def test_vendored_files_match_the_recorded_hashes_and_have_licences() -> None:
     readme = (vendor / "README.md").read_text()
     assert "dompurify 3.4.18" in readme and "DOMPurify 3.4.18 " in (vendor / "purify.es.mjs").read_text()[:200]
     assert "marked 18.2.1" in readme and "marked v18.2.1 " in (vendor / "marked.esm.js").read_text()[:200]
+
+
+@pytest.mark.parametrize("origins", [(), (ALLOWED,)])
+async def test_widget_modules_load_on_any_origin(make_client: MakeClient, origins: tuple[str, ...]) -> None:
+    """A page on any origin imports the widget's ES modules (CORS mode); the API stays limited to the list."""
+    client = await make_client(cors_origins=origins)
+    for path in ("/widget.js", "/widget/main.js", "/widget/render.js", "/vendor/purify.es.mjs", "/widget.css"):
+        response = await client.get(path, headers={"Origin": "https://any.example"})
+        assert response.status == 200, path
+        assert response.headers["Content-Type"].startswith(("text/javascript", "text/css")), path
+        assert response.headers["Access-Control-Allow-Origin"] == "*", path
+        assert "Access-Control-Allow-Credentials" not in response.headers
+    page = await client.get("/", headers={"Origin": "https://any.example"})
+    assert "Access-Control-Allow-Origin" not in page.headers

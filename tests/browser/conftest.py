@@ -145,9 +145,11 @@ WIDGET_STATE_JS = """() => {
 }"""
 
 # Records every data-status an assistant message takes, with the text shown at that moment.
-RECORD_STATUSES_JS = """() => {
+RECORD_STATUSES_JS = """async () => {
   window.__statuses = [];
-  const root = document.querySelector(".chatbot-widget-host").shadowRoot;
+  let host;  // the widget's modules load after the page: wait for its host element
+  while (!(host = document.querySelector(".chatbot-widget-host"))) await new Promise((r) => setTimeout(r, 20));
+  const root = host.shadowRoot;
   const seen = (node) => window.__statuses.push(
     {status: node.dataset.status, id: node.dataset.sessionId, text: node.querySelector(".body").textContent});
   new MutationObserver((records) => {

@@ -46,6 +46,7 @@ MARKDOWN = (
     "Then:\n\n"
     "1. list your site in `CHATBOT_CORS_ORIGINS`;\n"
     "2. reload, and ask away.\n\n"
+    "| event | means |\n|---|---|\n| `token` | more text |\n| `done` | the answer is whole |\n\n"
     "Answers *survive* a reload, a dropped connection and a [sleeping phone](https://example.com/)."
 )
 
@@ -141,7 +142,12 @@ async def test_model_html_renders_inert(start_service: StartService, start_site:
     assert "[tracking pixel]" in await message.inner_text()
     for tag in ("img", "script", "svg", "iframe", "form", "button", "image", "[style]", "[onerror]", "[ontoggle]"):
         assert await message.locator(".body").locator(tag).count() == 0, f"{tag} survived: {html}"
-    assert "javascript:" not in html
+    # Raw HTML in the model's text is shown as text (issue 11), so the words are there; no attribute is.
+    attributes = await message.locator(".body *").evaluate_all(
+        "(nodes) => nodes.flatMap((n) => [...n.attributes].map((a) => a.value))"
+    )
+    assert not [value for value in attributes if "javascript:" in value or "/leak" in value], attributes
+    assert "also me" in await message.inner_text()
     assert await page.evaluate("window.__pwned") is None
     assert not dialogs
     assert not [url for url in requested if "/leak" in url], requested
@@ -154,6 +160,7 @@ async def test_model_html_renders_inert(start_service: StartService, start_site:
     rendered = page.locator(f'[data-session-id="{answer}"]')
     assert await rendered.locator("pre code").count() == 1
     assert await rendered.locator("ol li").count() == 2
+    assert await rendered.locator("table td").count() == 4
     link = rendered.locator("a")
     assert await link.get_attribute("rel") == "noopener noreferrer nofollow"
     assert await link.get_attribute("target") == "_blank"

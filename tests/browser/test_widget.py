@@ -136,6 +136,7 @@ async def test_stop_after_reload_cancels_the_answer(start_service: StartService,
 async def test_expired_conversation_starts_a_new_one(start_service: StartService, page: Any) -> None:
     service = await start_service(demo_answer_tokens=5)
     await page.goto(service.url("/"))
+    await page.get_by_test_id("chat-input").wait_for()  # the widget's modules have loaded and saved its state
     await page.evaluate(
         """() => {
           const key = Object.keys(localStorage).find((k) => k.startsWith("chatbot-widget:v1:"));
