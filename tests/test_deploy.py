@@ -124,7 +124,8 @@ async def test_sessions_through_nginx_spread_over_instances_and_read_whole(
         messages = [f"spread {i}" for i in range(9)]
         ids = [await create(http, base, message) for message in messages]
         followers = [Follower(base, sid) for sid in ids]
-        await asyncio.gather(*(f.run(http) for f in followers))
+        stalls = stall_writes_repeatedly(own_redis.url, pulses=3)  # deltas pile up behind held appends
+        await asyncio.gather(stalls, *(f.run(http) for f in followers))
         for follower, message in zip(followers, messages, strict=True):
             assert_well_formed(follower.events)
             assert follower.events[-1].type == "done"

@@ -145,7 +145,7 @@ async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, 
     b = await cluster.start(**SLOW_ENV)
     created = await post_session(http, a, "killed mid answer")
     session_id = created["id"]
-    await pause_writes(cluster.redis_url, 0.5)  # a few deltas wait behind one append
+    await pause_writes(cluster.redis_url, 1.2)  # about five deltas wait behind one append
     events: list[Event] = []
     killed_at: list[float] = []
     async with http.get(f"{b.url}/events/{session_id}") as resp:
@@ -189,9 +189,9 @@ async def test_cancel_on_other_instance_stops_the_producer(
     b = await cluster.start(**SLOW_ENV)
     created = await post_session(http, a, "stop this")
     session_id = created["id"]
-    await pause_writes(cluster.redis_url, 0.5)
+    await pause_writes(cluster.redis_url, 1.2)  # about five deltas wait behind one append
     reader = asyncio.create_task(read_until(http, a, session_id))
-    await read_until(http, b, session_id, tokens=2)
+    await read_until(http, b, session_id, tokens=3)  # past the entry that joined the held-back deltas
     async with http.post(f"{b.url}/sessions/{session_id}/cancel") as resp:
         assert resp.status == 202
     async with asyncio.timeout(5):
