@@ -64,6 +64,7 @@ class Counters:
             "t": time.monotonic(),
             "cpu": self.server.cpu_seconds(),
             "load_cpu": time.process_time() + self.env.upstream.cpu_seconds() + self.env.redis.cpu_seconds(),
+            "redis_cpu": self.env.redis.cpu_seconds(),
             "cmds": self.env.redis.commands(),
         }
 
@@ -79,6 +80,7 @@ class Counters:
         return {
             "wall": wall,
             "cpu": end["cpu"] - self.start["cpu"],
+            "redis_cpu": end["redis_cpu"] - self.start["redis_cpu"],
             "load_busy": (end["load_cpu"] - self.start["load_cpu"]) / wall,
             "commands": executed - inner,
             "commands_executed": executed,
@@ -239,6 +241,7 @@ async def relay_step(
         "tokens_per_cpu_s": tokens / used["cpu"] if used["cpu"] else float("inf"),
         "service_core_busy": used["cpu"] / used["wall"],
         "commands_per_token": used["commands"] / tokens if tokens else float("nan"),
+        "redis_ms_per_1k": used["redis_cpu"] * 1e6 / tokens if tokens else float("nan"),
         "executed_per_token": used["commands_executed"] / tokens if tokens else float("nan"),
         "tokens_per_event": tokens / stats.events_in_window if stats.events_in_window else float("nan"),
         "load_core_busy": used["load_busy"],
