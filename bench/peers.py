@@ -36,6 +36,7 @@ class Peer:
     driver: str
     extra: tuple[str, ...]
     relay_key: str  # tokens per CPU-second of the relay process only (nginx worker, Node)
+    uses_redis: bool = True
 
     def missing(self, peers_dir: Path) -> str | None:
         """Why this peer cannot run here, or None."""
@@ -68,7 +69,7 @@ class Peer:
 PEERS = (
     Peer("resumable-stream", "resumable-stream (Node, Redis pub/sub)", "rs_bench.py", (), "tokens_per_node_cpu_s"),
     Peer("nchan-redis", "Nchan, Redis storage", "nchan_bench.py", ("--redis-storage",), "tokens_per_nginx_cpu_s"),
-    Peer("nchan-memory", "Nchan, memory", "nchan_bench.py", (), "tokens_per_nginx_cpu_s"),
+    Peer("nchan-memory", "Nchan, memory (no Redis)", "nchan_bench.py", (), "tokens_per_nginx_cpu_s", uses_redis=False),
 )
 
 
@@ -81,6 +82,8 @@ def figures(peer: Peer, raw: dict[str, Any]) -> dict[str, Any]:
     if relay and redis_ms is not None:
         # CPU-seconds per token of the relay plus those of Redis, as tokens per CPU-second
         with_redis = 1.0 / (1.0 / float(relay) + float(redis_ms) / 1e6)
+    elif relay and not peer.uses_redis:
+        with_redis = float(relay)
     return {
         "tokens_per_cpu_s": float(relay) if relay else float("nan"),
         "tokens_per_cpu_s_with_redis": with_redis if with_redis is not None else float("nan"),

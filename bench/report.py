@@ -104,11 +104,21 @@ def _ratio(service: float | None, baseline: float | None, higher_better: bool) -
 
 def table(results: dict[str, Any]) -> str:
     targets = results["targets"]
-    service, baseline = targets.get("service", {}), targets.get("baseline", {})
     m = results["machine"]
     lines = [
         f"`{results['command']}` — {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, Redis {m['redis']}, "
         f"service on core {m['service_core']}, load on {m['load_cores']}; {results['wall_seconds']:.0f} s",
+    ]
+    if any(targets.values()):
+        lines += _targets(targets)
+    if results.get("peers"):
+        lines += peers_table(results["peers"], runs=int(results["config"]["runs"]))
+    return "\n".join(lines)
+
+
+def _targets(targets: dict[str, Any]) -> list[str]:
+    service, baseline = targets.get("service", {}), targets.get("baseline", {})
+    lines = [
         "",
         "| figure | service | baseline | service's advantage | target | met |",
         "|---|---:|---:|---:|---|---|",
@@ -127,8 +137,6 @@ def table(results: dict[str, Any]) -> str:
                 f"{s['tokens_per_cpu_s']:,.0f} | {s['commands_per_token']:.3f} | {s['tokens_per_event']:.2f} | "
                 f"{s['service_core_busy']:.0%} | {s['load_core_busy']:.0%} |"
             )
-    if results.get("peers"):
-        lines += peers_table(results["peers"], runs=int(results["config"]["runs"]))
     prof = service.get("profile")
     if prof and "self" in prof:
         step = prof["step"]
@@ -141,7 +149,7 @@ def table(results: dict[str, Any]) -> str:
     if prof and "self" in prof:
         title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
         lines += _profile(title, prof)
-    return "\n".join(lines)
+    return lines
 
 
 def _over(ours: float | None, theirs: float | None) -> str:
@@ -176,7 +184,7 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
             lines.append(
                 f"| {shape} | {labels.get(name, name)} | {_fmt(relay)} | {ratio} | {_fmt(with_redis)} | {ratio_redis} "
                 f"| {_fmt(got.get('redis_ms_per_1k'))} | {_fmt(got.get('p50'))} | {_fmt(got.get('p99'))} "
-                f"| {_fmt(got.get('achieved'))} | {_fmt(wrong)} |"
+                f"| {_fmt(got.get('achieved'))} | {wrong:g} |"
             )
     for name, why in peers.get("skipped", {}).items():
         lines.append(f"\n{labels.get(name, name)}: not run ({why}).")

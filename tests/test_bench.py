@@ -96,6 +96,6 @@ def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) ->
     assert set(workload["systems"]) == {"service"}
     service = workload["systems"]["service"]
     assert service["achieved"] > 0.8 * 4 * 25 and service["lost"] == service["errors"] == 0
-    assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] > 0
+    assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] >= 0  # Redis CPU: 10 ms ticks
     assert "| 4 × 25 tok/s × 15 | **this service** |" in done.stdout
-    assert "Nchan, memory: not run" in done.stdout
+    assert "Nchan, memory (no Redis): not run" in done.stdout
