@@ -229,6 +229,7 @@ def _service_figures(step: dict[str, Any]) -> dict[str, Any]:
         "p50": step["p50"],
         "p99": step["p99"],
         "achieved": step["achieved"],
+        "relay_core_busy": step["service_core_busy"],
         "lost": step["gaps"],
         "errors": step["errors"],
     }
