@@ -111,6 +111,7 @@ def table(results: dict[str, Any]) -> str:
     ]
     if any(targets.values()):
         lines += _targets(targets)
+    lines += _cluster(results.get("cluster", {}))
     if results.get("peers"):
         lines += peers_table(results["peers"], runs=int(results["config"]["runs"]))
     return "\n".join(lines)
@@ -194,6 +195,27 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
         "per token; resumable-stream makes its tokens inside Node and keeps them in the producer's memory. "
         "Nchan's memory storage uses no Redis.",
     ]
+    return lines
+
+
+def _cluster(on: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The relay on one Redis and on a cluster; where Redis would saturate, from its CPU per token."""
+    if not on:
+        return []
+    lines = ["", "The service's relay on one Redis and on a Redis Cluster (three masters, no replicas):", ""]
+    lines += [
+        "| store | offered | achieved | p99 ms | tok/CPU-s | Redis CPU µs/tok | cmd/tok | Redis full at ≈ tok/s |"
+    ]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, steps in on.items():
+        for s in steps:
+            us = s["redis_us_per_token"]
+            # each master serves 1/masters of the tokens and saturates when its share costs one core
+            full = s["masters"] * 1e6 / us if us and not math.isnan(us) else float("nan")
+            lines.append(
+                f"| {label} | {s['offered']:,.0f} | {s['achieved']:,.0f} | {s['p99']:.2f} | "
+                f"{s['tokens_per_cpu_s']:,.0f} | {us:.1f} | {s['commands_per_token']:.3f} | {full:,.0f} |"
+            )
     return lines
 
 
