@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-model test lint typecheck bench bench-quick clean
+.PHONY: run run-model test lint typecheck bench bench-quick bench-peers-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench --quick
+
+# What `make bench` compares the service with, when installed (drivers in ../shared/peers, see bench/peers.py):
+# Debian's nginx + Nchan, and resumable-stream with its Redis client for Node in bench/.peers-node. Root for
+# apt-get; never part of `make test`.
+PEER_NPM := resumable-stream@2.2.13 redis@4.7.1
+bench-peers-deps:
+	test -e /usr/lib/nginx/modules/ngx_nchan_module.so || \
+		{ apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-nchan; }
+	command -v node >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	npm install --prefix bench/.peers-node --save-exact --no-audit --no-fund --loglevel=error $(PEER_NPM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -104,11 +104,22 @@ def _ratio(service: float | None, baseline: float | None, higher_better: bool) -
 
 def table(results: dict[str, Any]) -> str:
     targets = results["targets"]
-    service, baseline = targets.get("service", {}), targets.get("baseline", {})
     m = results["machine"]
     lines = [
         f"`{results['command']}` — {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, Redis {m['redis']}, "
         f"service on core {m['service_core']}, load on {m['load_cores']}; {results['wall_seconds']:.0f} s",
+    ]
+    if any(targets.values()):
+        lines += _targets(targets)
+    lines += _cluster(results.get("cluster", {}))
+    if results.get("peers"):
+        lines += peers_table(results["peers"], runs=int(results["config"]["runs"]))
+    return "\n".join(lines)
+
+
+def _targets(targets: dict[str, Any]) -> list[str]:
+    service, baseline = targets.get("service", {}), targets.get("baseline", {})
+    lines = [
         "",
         "| figure | service | baseline | service's advantage | target | met |",
         "|---|---:|---:|---:|---|---|",
@@ -127,7 +138,6 @@ def table(results: dict[str, Any]) -> str:
                 f"{s['tokens_per_cpu_s']:,.0f} | {s['commands_per_token']:.3f} | {s['tokens_per_event']:.2f} | "
                 f"{s['service_core_busy']:.0%} | {s['load_core_busy']:.0%} |"
             )
-    lines += _cluster(results.get("cluster", {}))
     prof = service.get("profile")
     if prof and "self" in prof:
         step = prof["step"]
@@ -140,7 +150,52 @@ def table(results: dict[str, Any]) -> str:
     if prof and "self" in prof:
         title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
         lines += _profile(title, prof)
-    return "\n".join(lines)
+    return lines
+
+
+def _over(ours: float | None, theirs: float | None) -> str:
+    """ours ÷ theirs, e.g. ×0.31: below 1 the service is behind on a higher-is-better figure."""
+    if ours is None or theirs is None or math.isnan(ours) or math.isnan(theirs) or theirs <= 0:
+        return "–"
+    return f"×{ours / theirs:.2f}"
+
+
+def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
+    """The service beside each peer on the same workload, measured in the same run, as ratios."""
+    labels = {"service": "**this service**", **peers["labels"]}
+    lines = [
+        "",
+        f"Peers on the same relay workload, interleaved in this run ({runs} round(s), medians; drivers from "
+        f"`{peers['dir']}`). Tokens per CPU-second of the relay process alone (our service; Node; the nginx "
+        "worker), then with Redis's CPU added; ratios are ours ÷ theirs (below 1: we are behind):",
+        "",
+        "| workload | system | tok / relay CPU-s | ours ÷ theirs | tok / CPU-s incl. Redis | ours ÷ theirs "
+        "| Redis ms / 1k tok | p50 ms | p99 ms | delivered tok/s | lost + dup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload in peers["workloads"]:
+        systems = workload["systems"]
+        ours = systems.get("service", {})
+        shape = f"{workload['channels']:.0f} × {workload['tps']:g} tok/s × {workload['tokens']}"
+        for name, got in systems.items():
+            relay, with_redis = got.get("tokens_per_cpu_s"), got.get("tokens_per_cpu_s_with_redis")
+            ratio = "" if name == "service" else _over(ours.get("tokens_per_cpu_s"), relay)
+            ratio_redis = "" if name == "service" else _over(ours.get("tokens_per_cpu_s_with_redis"), with_redis)
+            wrong = got.get("lost", 0) + got.get("duplicates", 0)
+            lines.append(
+                f"| {shape} | {labels.get(name, name)} | {_fmt(relay)} | {ratio} | {_fmt(with_redis)} | {ratio_redis} "
+                f"| {_fmt(got.get('redis_ms_per_1k'))} | {_fmt(got.get('p50'))} | {_fmt(got.get('p99'))} "
+                f"| {_fmt(got.get('achieved'))} | {wrong:g} |"
+            )
+    for name, why in peers.get("skipped", {}).items():
+        lines.append(f"\n{labels.get(name, name)}: not run ({why}).")
+    lines += [
+        "",
+        "Their input paths differ: the service parses an upstream's SSE per answer; Nchan parses one HTTP POST "
+        "per token; resumable-stream makes its tokens inside Node and keeps them in the producer's memory. "
+        "Nchan's memory storage uses no Redis.",
+    ]
+    return lines
 
 
 def _cluster(on: dict[str, list[dict[str, Any]]]) -> list[str]:

@@ -4,6 +4,8 @@ The harness starts its own redis-server (free port, no persistence), the paced f
 server under test as a subprocess: the service (`python -m chatbot serve`, CHATBOT_PROVIDER=openai at the
 fake) and then the baseline (bench/baseline.py). The server gets one core; this load generator, the
 upstream and Redis share the other. Everything listens on 127.0.0.1 and is stopped on the way out.
+Last, the peers (bench/peers.py: Nchan, resumable-stream), when installed, interleaved with the service
+on the same workload.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import client, profile, report, scenarios
+from . import client, peers, profile, report, scenarios
 from .procs import Cores, RedisCluster, RedisServer, Server, Upstream, machine, raise_nofile
 from .scenarios import Env
 from .upstream import Script
 
 OUT = Path(__file__).resolve().parent / "out"
 TARGETS = ("service", "baseline")
-SCENARIOS = ("ttft", "relay", "streams", "resume", "cluster")
+SCENARIOS = ("ttft", "relay", "streams", "resume", "cluster", "peers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Config:
     profile_rate: float = 20000.0
     profile_seconds: float = 8.0
     cluster_rates: tuple[float, ...] = (1000, 3000, 5000)  # the relay on one Redis and on three masters
+    # the peers' workload: C answers (each entry) × peer_tps tokens/s × peer_tokens tokens, interleaved runs
+    peer_channels: tuple[float, ...] = (100, 400)
+    peer_tps: float = 25.0
+    peer_tokens: int = 150
 
 
 FULL = Config()
@@ -76,6 +83,8 @@ QUICK = Config(
     resume_tokens=60,
     profile_seconds=4.0,
     cluster_rates=(1000, 3000),
+    peer_channels=(100,),
+    peer_tokens=100,
 )
 
 
@@ -209,6 +218,82 @@ async def _target(
     return out
 
 
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"each": results}
+    for key, value in results[0].items() if results else ():
+        if isinstance(value, int | float):
+            merged[key] = statistics.median(r[key] for r in results)
+    return merged
+
+
+def _service_figures(step: dict[str, Any]) -> dict[str, Any]:
+    """The service's relay step in the peers' terms."""
+    per_token = 1.0 / step["tokens_per_cpu_s"] + step["redis_us_per_token"] / 1e6
+    return {
+        "tokens_per_cpu_s": step["tokens_per_cpu_s"],
+        "tokens_per_cpu_s_with_redis": 1.0 / per_token,
+        "redis_ms_per_1k": step["redis_us_per_token"],  # µs per token = ms per 1,000 tokens
+        "p50": step["p50"],
+        "p99": step["p99"],
+        "achieved": step["achieved"],
+        "relay_core_busy": step["service_core_busy"],
+        "lost": step["gaps"],
+        "errors": step["errors"],
+    }
+
+
+async def _peers(
+    env: Env, cores: Cores, config: Config, out_dir: Path, extra_env: dict[str, str], peers_dir: Path
+) -> dict[str, Any]:
+    """Each workload: `runs` rounds of (service, then every installed peer), medians per system."""
+    missing = {peer.name: peer.missing(peers_dir) for peer in peers.PEERS}
+    present = [peer for peer in peers.PEERS if missing[peer.name] is None]
+    for name, why in missing.items():
+        if why is not None:
+            _log(f"  peers: {name} skipped: {why}")
+    relay_cpu, load_cpu = min(cores.service), min(cores.load)
+    workloads = []
+    for channels in config.peer_channels:
+        rate = channels * config.peer_tps
+        answer_s = config.peer_tokens / config.peer_tps
+        warm = min(1.0, answer_s / 4)
+        seconds = max(warm + 1.0, answer_s - 1.0)
+        each: dict[str, list[dict[str, Any]]] = {"service": [], **{peer.name: [] for peer in present}}
+        for round_ in range(config.runs):
+            where = f"  peers: {channels:.0f} × {config.peer_tps:g} tok/s, round {round_ + 1}/{config.runs}"
+            _log(f"{where}: service")
+            with _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server:
+                step = await scenarios.relay_step(
+                    env, server, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
+                )
+            each["service"].append(_service_figures(step))
+            for peer in present:
+                _log(f"{where}: {peer.name}")
+                try:
+                    figures = await asyncio.to_thread(
+                        peers.run, peer, peers_dir, out_dir, channels=int(channels), tps=config.peer_tps,
+                        tokens=config.peer_tokens, relay_cpu=relay_cpu, load_cpu=load_cpu,
+                    )  # fmt: skip
+                except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+                    _log(f"    {peer.name} failed: {exc!r}")
+                    continue
+                each[peer.name].append(figures)
+        workloads.append(
+            {
+                "channels": channels,
+                "tps": config.peer_tps,
+                "tokens": config.peer_tokens,
+                "systems": {name: _median(runs) for name, runs in each.items() if runs},
+            }
+        )
+    return {
+        "dir": str(peers_dir),
+        "labels": {peer.name: peer.label for peer in peers.PEERS},
+        "skipped": {name: why for name, why in missing.items() if why is not None},
+        "workloads": workloads,
+    }
+
+
 async def run(
     config: Config,
     *,
@@ -219,6 +304,7 @@ async def run(
     command: str,
     out: Path,
     extra_env: dict[str, str],
+    peers_dir: Path = peers.PEERS_DIR,
 ) -> dict[str, Any]:
     cores = Cores.pick()
     os.sched_setaffinity(0, cores.load)
@@ -252,6 +338,9 @@ async def run(
                     out_dir=out,
                     extra_env=extra_env,
                 )
+            if "peers" in only:
+                _log("peers:")
+                results["peers"] = await _peers(env, cores, config, out, extra_env, peers_dir)
     finally:
         upstream.stop()
         redis.stop()
@@ -308,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an extra setting for the service, e.g. --env CHATBOT_REDIS_POOL_SIZE=3")  # fmt: skip
     parser.add_argument("--trace-memory", action="store_true",
                         help="also: heap growth per open stream by source line (tracemalloc, slow)")  # fmt: skip
+    parser.add_argument("--peers-dir", type=Path, default=peers.PEERS_DIR,
+                        help="the peers' drivers (default: ../shared/peers beside the clone)")  # fmt: skip
     parser.add_argument("--table", type=Path, metavar="RESULTS_JSON", help="only print the table of earlier results")
     args = parser.parse_args(argv)
     if args.table is not None:
@@ -337,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         command=command.strip(),
         out=args.out,
         extra_env=dict(item.split("=", 1) for item in args.env),
+        peers_dir=args.peers_dir,
     )
     try:
         import uvloop

@@ -18,9 +18,14 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from chatbot import keys
+from chatbot.providers import Provider
 from chatbot.settings import Settings
 
 if TYPE_CHECKING:
@@ -112,13 +117,19 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
 
-    def restart(self) -> None:
-        """SHUTDOWN (which writes the append-only file, if any), then start again on the same port."""
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """SHUTDOWN (which writes the append-only file, if any), stay down `down_seconds`, start on the same port."""
         assert self.proc is not None
-        # The server closes the connection as it exits.
-        with redis.Redis(host="127.0.0.1", port=self.port) as client, contextlib.suppress(redis.ConnectionError):
+        # The server closes the connection as it exits; without retries, or redis-py would spend seconds
+        # reconnecting to a server that is gone, and the outage would last as long.
+        no_retry = Retry(NoBackoff(), 0)
+        with (
+            redis.Redis(host="127.0.0.1", port=self.port, retry=no_retry) as client,
+            contextlib.suppress(redis.ConnectionError),
+        ):
             client.shutdown(nosave=True)
         self.proc.wait(timeout=10)
+        time.sleep(down_seconds)  # an outage of a set length; callers in async tests use a thread
         self.start()
 
     def stop(self) -> None:
@@ -188,23 +199,74 @@ def store(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(request: pytest.FixtureRequest, store: str) -> Settings:
-    """Settings for the store under test; a test overrides fields with @pytest.mark.settings(...)."""
-    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(store)
-    url = request.getfixturevalue(url) if url else None
+    """Settings for the store under test; a test overrides fields with @pytest.mark.settings(...).
+
+    On one Redis, the URL names the app's connections (`client_name`), so that the real server can be asked
+    whether the app under test is connected to it.
+    """
+    url = None
+    if store == "redis":
+        url = f"{request.getfixturevalue('redis_url')}?client_name={APP_CLIENT_NAME}"
+    elif store == "cluster":
+        url = request.getfixturevalue("redis_cluster_url")
     marker = request.node.get_closest_marker("settings")
     overrides = dict(marker.kwargs) if marker else {}
     return make_settings(store, url, **overrides)
 
 
+APP_CLIENT_NAME = "chatbot-app-under-test"
+
+
+@pytest.fixture
+def provider() -> Provider | None:
+    """The app's provider; None means the one its settings name. A module overrides this fixture."""
+    return None
+
+
+class RealRedisWitness:
+    """Proves, from a separate client of the real redis-server, that the app under test uses that server.
+
+    Each session created over HTTP must be visible there at once (its meta hash), and the app must hold
+    connections named `APP_CLIENT_NAME`: an app that silently fell back to the embedded store fails both.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self.created: list[str] = []
+        self.missing: list[str] = []
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if request.method == "POST" and request.path == "/sessions" and response.status == 201:
+            session_id = response.headers["Location"].rsplit("/", 1)[-1]
+            self.created.append(session_id)
+            if not await self._redis.exists(keys.meta(session_id)):
+                self.missing.append(session_id)
+
+    async def check(self) -> None:
+        try:
+            named = [c for c in await self._redis.client_list() if c.get("name") == APP_CLIENT_NAME]
+        finally:
+            await self._redis.aclose()
+        assert not self.missing, f"sessions created over HTTP but absent from the real Redis: {self.missing}"
+        assert named, "the app under test holds no connection to the real redis-server (embedded store?)"
+
+
 @pytest_asyncio.fixture
-async def client(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def client(
+    request: pytest.FixtureRequest, settings: Settings, store: str, provider: Provider | None
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     from chatbot.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, provider=provider)
+    witness = RealRedisWitness(request.getfixturevalue("redis_url")) if store == "redis" else None
+    if witness is not None:
+        app.on_response_prepare.append(witness.on_response_prepare)
     test_client: TestClient[web.Request, web.Application] = TestClient(TestServer(app))
     await test_client.start_server()
     try:
         yield test_client
+        if witness is not None:
+            await witness.check()
     finally:
         await close_promptly(test_client)
 

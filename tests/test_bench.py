@@ -80,3 +80,23 @@ def test_quick_run_measures_both_servers(tmp_path: Path) -> None:
         resume = target["resume"]
         assert resume["reconnects"] > 0
         assert (resume["gaps"], resume["duplicates"], resume["errors"]) == (0, 0, 0)
+
+
+@pytest.mark.timeout(90)
+def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) -> None:
+    """`make bench` still measures the service on the peers' workload when their drivers are absent."""
+    argv = [sys.executable, "-m", "bench", "--quick", "--no-profile", "--out", str(tmp_path), "--only", "peers"]
+    argv += ["--peers-dir", str(tmp_path / "no-peers"), "--set", "peer_channels=4", "--set", "peer_tokens=15"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr[-4000:]
+    peers = json.loads((tmp_path / "results.json").read_text())["peers"]
+    assert set(peers["skipped"]) == {"resumable-stream", "nchan-redis", "nchan-memory"}
+    assert all("not found" in why for why in peers["skipped"].values())
+    (workload,) = peers["workloads"]
+    assert set(workload["systems"]) == {"service"}
+    service = workload["systems"]["service"]
+    assert service["achieved"] > 0.8 * 4 * 25 and service["lost"] == service["errors"] == 0
+    assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] >= 0  # Redis CPU: 10 ms ticks
+    assert "| 4 × 25 tok/s × 15 | **this service** |" in done.stdout
+    assert "Nchan, memory (no Redis): not run" in done.stdout

@@ -10,11 +10,18 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.helpers import assert_well_formed, create_session, get_session, read_stream, text_of, wait_terminal
+from tests.oracle import BurstyDemo, expected_text
 from tests.sse import SSEParser
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.settings(demo_tokens_per_second=150.0, demo_answer_tokens=150)]
+pytestmark = [pytest.mark.timeout(60)]
 
 READERS = 24
+TOKENS = 150
+
+
+@pytest.fixture
+def provider() -> BurstyDemo:
+    return BurstyDemo(tokens_per_second=150.0, answer_tokens=TOKENS, burst=3)
 
 
 async def test_concurrent_joins_at_different_points_see_no_gap(client: TestClient[Any, Any]) -> None:
@@ -39,6 +46,7 @@ async def test_concurrent_joins_at_different_points_see_no_gap(client: TestClien
 
     results = await asyncio.gather(*(join(i) for i in range(READERS)))
     full = (await wait_terminal(client, sid)).events
+    assert text_of(full) == expected_text("fan out", TOKENS)  # what the model said, not the store's copy
     ids = [e.id for e in full]
     for start, events in results:
         assert_well_formed(events)

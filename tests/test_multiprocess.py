@@ -1,5 +1,9 @@
 """Several `python -m chatbot serve` processes on one real redis-server: cross-instance reads, cancel,
-producer death, and the number of Redis connections one process holds for many open streams."""
+producer death, and the number of Redis connections one process holds for many open streams.
+
+Text is checked against the demo's deterministic answer; Redis holds appends back for a moment
+(CLIENT PAUSE WRITE) so that the producer coalesces deltas, as it does under load.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from tests.helpers import (
     media_type,
     text_of,
 )
+from tests.oracle import expected_text, pause_writes
 from tests.sse import Event, SSEParser
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,10 +122,13 @@ def stream_keys(server_url: str, session_id: str) -> list[str]:
 async def test_post_on_one_read_on_other(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     a = await cluster.start(CHATBOT_DEMO_TOKENS_PER_SECOND="200", CHATBOT_DEMO_ANSWER_TOKENS="40")
     b = await cluster.start(CHATBOT_DEMO_TOKENS_PER_SECOND="200", CHATBOT_DEMO_ANSWER_TOKENS="40")
-    created = await post_session(http, a)
+    created = await post_session(http, a, "across instances")
+    await pause_writes(cluster.redis_url, 0.1)  # about 20 deltas wait behind one append
     on_b = await read_until(http, b, created["id"])
     assert_well_formed(on_b)
     assert on_b[-1].type == "done"
+    assert text_of(on_b) == expected_text("across instances", 40)
+    assert sum(e.type == "token" for e in on_b) < 40, "no delta was coalesced: the pause did not bite"
     on_a = await read_until(http, a, created["id"])
     assert [(e.id, e.data) for e in on_a] == [(e.id, e.data) for e in on_b]
     assert (await get_state(http, b, created["id"]))["text"] == text_of(on_b)
@@ -135,8 +143,9 @@ async def test_post_on_one_read_on_other(cluster: Cluster, http: aiohttp.ClientS
 async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     a = await cluster.start(**SLOW_ENV)
     b = await cluster.start(**SLOW_ENV)
-    created = await post_session(http, a)
+    created = await post_session(http, a, "killed mid answer")
     session_id = created["id"]
+    await pause_writes(cluster.redis_url, 1.2)  # about five deltas wait behind one append
     events: list[Event] = []
     killed_at: list[float] = []
     async with http.get(f"{b.url}/events/{session_id}") as resp:
@@ -165,6 +174,7 @@ async def test_sigkill_producer_gives_readers_retryable_error(cluster: Cluster, 
     assert elapsed < 10, f"terminal error came {elapsed:.1f} s after the kill"
     tokens = sum(e.type == "token" for e in events)
     assert tokens < 200, "the answer finished before the kill took effect"
+    assert expected_text("killed mid answer", 200).startswith(text_of(events)), "a gap in the text before the kill"
     state = await get_state(http, b, session_id)
     assert state["status"] == "failed"
     assert state["text"] == text_of(events)
@@ -177,10 +187,11 @@ async def test_cancel_on_other_instance_stops_the_producer(
 ) -> None:
     a = await cluster.start(**SLOW_ENV)
     b = await cluster.start(**SLOW_ENV)
-    created = await post_session(http, a)
+    created = await post_session(http, a, "stop this")
     session_id = created["id"]
+    await pause_writes(cluster.redis_url, 1.2)  # about five deltas wait behind one append
     reader = asyncio.create_task(read_until(http, a, session_id))
-    await read_until(http, b, session_id, tokens=2)
+    await read_until(http, b, session_id, tokens=3)  # past the entry that joined the held-back deltas
     async with http.post(f"{b.url}/sessions/{session_id}/cancel") as resp:
         assert resp.status == 202
     async with asyncio.timeout(5):
@@ -188,6 +199,7 @@ async def test_cancel_on_other_instance_stops_the_producer(
     assert_well_formed(events)
     assert events[-1].type == "done"
     assert events[-1].json()["finish_reason"] == "cancelled"
+    assert expected_text("stop this", 200).startswith(text_of(events)), "a gap in the text before the cancel"
     for instance in (a, b):
         state = await get_state(http, instance, session_id)
         assert state["status"] == "cancelled"

@@ -19,6 +19,7 @@ from chatbot.app import create_app
 from chatbot.settings import Settings
 from tests.conftest import make_settings
 from tests.helpers import create_session, first_event, get_session, text_of, wait_terminal
+from tests.oracle import stall_writes_repeatedly
 from tests.providers_fakes import FakeUpstream, Reply, anthropic_events, openai_events, split_bytes
 
 pytestmark = pytest.mark.timeout(30)
@@ -127,6 +128,25 @@ async def test_text_arrives_exactly_even_when_writes_split_characters(
     assert text_of(stream.events) == "".join(TRICKY)
     assert (await get_session(client, created["id"]))["text"] == "".join(TRICKY)
     assert done_payload(stream) == {"finish_reason": "stop", "usage": {"input_tokens": 7, "output_tokens": 11}}
+
+
+async def test_deltas_bursting_while_appends_wait_reach_readers_whole(
+    api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any, redis_url: str
+) -> None:
+    """Hundreds of deltas arrive while Redis holds the appends back: each entry joins many of them, and the
+    text a reader gets and the stored text are exactly what the upstream sent."""
+    deltas = [f"{TRICKY[i % len(TRICKY)]}{i} " for i in range(300)]
+    upstream.script(Reply(events_for(api)(deltas), pause=0.001))  # one TCP write per upstream event
+    client = await serve(provider_settings(api, upstream, monkeypatch, redis_url=redis_url))
+    created = await create_session(client, "Burst")
+    stalls = asyncio.create_task(stall_writes_repeatedly(redis_url, pulses=3, pause=0.1, gap=0.02))
+    stream = await wait_terminal(client, created["id"])
+    await stalls
+    assert text_of(stream.events) == "".join(deltas)
+    assert (await get_session(client, created["id"]))["text"] == "".join(deltas)
+    assert done_payload(stream) == {"finish_reason": "stop", "usage": {"input_tokens": 7, "output_tokens": 11}}
+    tokens = sum(e.type == "token" for e in stream.events)
+    assert tokens < len(deltas) // 2, f"{tokens} entries for {len(deltas)} deltas: the writer did not coalesce"
 
 
 async def test_carriage_return_line_endings_are_understood(
