@@ -62,15 +62,19 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 @pytest.fixture
 async def start_e2e(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartE2E]:
-    """The real app with CHATBOT_PROVIDER=openai; the SDK finds the fake through OPENAI_BASE_URL."""
+    """The real app configured as an operator would, CHATBOT_PROVIDER=openai; `env` adds CHATBOT_* variables.
+
+    The OpenAI SDK finds the fake upstream through its own OPENAI_BASE_URL, as it would a real endpoint.
+    """
     monkeypatch.setenv("OPENAI_BASE_URL", upstream.url + "/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     running: list[Service] = []
 
-    async def start(*replies: Reply, **overrides: Any) -> Service:
+    async def start(*replies: Reply, env: dict[str, str] | None = None) -> Service:
         upstream.script(*replies)
-        fields: dict[str, Any] = {"provider": "openai", "model": "fake-model", "sse_retry_ms": 100, **overrides}
-        server = TestServer(create_app(Settings(**fields)), host="127.0.0.1", port=0)
+        variables = {"CHATBOT_PROVIDER": "openai", "CHATBOT_MODEL": "fake-model", "CHATBOT_SSE_RETRY_MS": "100"}
+        settings = Settings.from_env({**variables, **(env or {})})
+        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
         await server.start_server()
         running.append(Service(server, aiohttp.ClientSession()))
         return running[-1]
