@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-quick clean
+.PHONY: run test lint typecheck bench bench-quick bench-retrieval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,16 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench --quick
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval --quick
+
+# Retrieval quality and time only (tests/data/site, 1,000 pages); a few seconds, no Redis.
+bench-retrieval: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

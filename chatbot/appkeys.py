@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .hub import Hub
+from .knowledge.retriever import Knowledge
 from .limits import StreamCaps
 from .metrics import Metrics
 from .producer import Producers
@@ -17,3 +18,4 @@ HUB = web.AppKey("hub", Hub)
 PRODUCERS = web.AppKey("producers", Producers)
 METRICS = web.AppKey("metrics", Metrics)
 CAPS = web.AppKey("caps", StreamCaps)
+KNOWLEDGE: web.AppKey[Knowledge | None] = web.AppKey("knowledge")

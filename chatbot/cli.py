@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
@@ -22,7 +23,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP server (settings from CHATBOT_* variables)")
     serve.add_argument("--host", help="overrides CHATBOT_HOST")
     serve.add_argument("--port", type=int, help="overrides CHATBOT_PORT")
+    index = commands.add_parser(
+        "index",
+        help="build the search index of the site's content that CHATBOT_KNOWLEDGE names",
+        description="Read folders (Markdown, HTML, text) and http(s) sitemaps or RSS/Atom feeds; write one index "
+        "file, replacing the old one atomically; print what was indexed and what was skipped and why.",
+    )
+    index.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder, or the URL of a sitemap or a feed")
+    index.add_argument("--out", type=Path, default=Path("knowledge.sqlite3"), help="the index file (knowledge.sqlite3)")
+    index.add_argument("--base-url", help="the site's URL, for files whose front matter gives no url/permalink")
+    index.add_argument("--timeout", type=float, default=10.0, help="seconds per web request (10)")
+    index.add_argument("--concurrency", type=int, default=4, help="web requests at once (4)")
+    index.add_argument("--max-pages", type=int, default=10_000, help="pages read per sitemap or feed (10000)")
     args = parser.parse_args(argv)
+    if args.command == "index":
+        return _index(args)
 
     try:
         settings = Settings.from_env()
@@ -43,6 +58,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("listening on http://%s:%d (provider %s)", settings.host, settings.port, settings.provider)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10)
     return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .knowledge import indexer
+
+    if args.base_url is not None and not args.base_url.startswith(("http://", "https://")):
+        print(f"chatbot index: --base-url must be an http(s) URL, got {args.base_url!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("usp").setLevel(logging.CRITICAL)  # it logs every document that is not a sitemap
+    logging.getLogger("trafilatura").setLevel(logging.ERROR)
+    options = indexer.Options(
+        out=args.out,
+        base_url=args.base_url,
+        concurrency=max(1, args.concurrency),
+        timeout=args.timeout,
+        max_pages=args.max_pages,
+    )
+    try:
+        report = asyncio.run(indexer.run(args.sources, options))
+    except OSError as exc:  # the index file could not be written
+        print(f"chatbot index: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    print(indexer.summary(report, args.out))
+    return 0 if report.documents else 1
 
 
 def _configure_logging(log_format: str) -> None:

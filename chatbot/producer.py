@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from redis.exceptions import RedisError
 
@@ -81,7 +81,7 @@ class _Writer:
         self._outage_since = None
         self.entries += 1
         self.stored.append(text)
-        if self.entries == 1:
+        if len(self.stored) == 1:
             self._metrics.ttft.observe(time.monotonic() - self._started)
         self._metrics.tokens_relayed.inc(pieces)
         if result.cancel_requested:
@@ -114,6 +114,13 @@ class _Writer:
         await self._idle.wait()
         if self.error is not None:
             raise self.error
+
+    async def put(self, event: str, data: str) -> None:
+        """Append one non-token event ahead of any text (the answer's `sources`)."""
+        result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data))
+        if result.ended:
+            raise _Ended
+        self.entries += 1
 
     async def finish(self, event: str, data: str, status: str) -> None:
         await self.drain()
@@ -217,11 +224,21 @@ class Producers:
     def active(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, session_id: str, messages: Sequence[Message], *, conversation_id: str | None = None) -> None:
-        """Start generating; with a conversation id, the turn joins that conversation's history when it ends."""
+    def spawn(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        *,
+        conversation_id: str | None = None,
+        sources: Sequence[Mapping[str, str]] = (),
+    ) -> None:
+        """Start generating; with a conversation id, the turn joins that conversation's history when it ends.
+
+        `sources` ({"title", "url"} each), if any, are the answer's first event.
+        """
         cancel = self._cancels[session_id] = asyncio.Event()
         task = asyncio.create_task(
-            self._generate(session_id, messages, cancel, conversation_id), name=f"generate-{session_id}"
+            self._generate(session_id, messages, cancel, conversation_id, sources), name=f"generate-{session_id}"
         )
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._forget(session_id))
@@ -256,12 +273,19 @@ class Producers:
         await self._batcher.close()  # last: the cancelled answers' final writes go through it
 
     async def _generate(
-        self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        cancel: asyncio.Event,
+        conversation_id: str | None,
+        sources: Sequence[Mapping[str, str]],
     ) -> None:
         writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics)
         turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
+            if sources:
+                await writer.put(events.SOURCES, events.sources_data(sources))
             finish = await self._relay(messages, writer, cancel)
             await writer.drain()
             await self._remember(*turn, writer)

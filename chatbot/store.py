@@ -364,6 +364,14 @@ class Store:
             event.payload()["text"] for event in await self.read_from(session_id, "-") if event.event == events.TOKEN
         )
 
+    async def sources(self, session_id: str) -> list[Any]:
+        """The answer's sources: the payload of its `sources` event, which can only be the first; [] if none."""
+        first = await self.read_from(session_id, "-", count=1)
+        if first and first[0].event == events.SOURCES:
+            found: list[Any] = first[0].payload()["sources"]
+            return found
+        return []
+
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
 
