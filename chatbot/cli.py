@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     import asyncio
+    import sqlite3
 
     from .knowledge import indexer
 
@@ -80,7 +81,7 @@ def _index(args: argparse.Namespace) -> int:
     )
     try:
         report = asyncio.run(indexer.run(args.sources, options))
-    except OSError as exc:  # the index file could not be written
+    except (OSError, sqlite3.Error) as exc:  # the index file could not be written
         print(f"chatbot index: cannot write {args.out}: {exc}", file=sys.stderr)
         return 1
     print(indexer.summary(report, args.out))

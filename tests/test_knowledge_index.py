@@ -138,6 +138,7 @@ def test_folder_files_without_a_url_drafts_bad_yaml_and_other_types_are_skipped_
     (site / "notes" / "plain.txt").write_text("Plain title\n\nA plain text note.\n")
     (site / "logo.png").write_bytes(b"\x89PNG")
     (site / ".hidden.md").write_text("# Hidden\n")
+    (site / "script.md").write_text("---\npermalink: javascript:alert(1)\n---\n# Script\n\nText.\n")
     found = list(collect.folder(site, base_url=None))
     by_source = {Path(o.source).name: o for o in found}
     assert isinstance(by_source["a.md"], collect.Found)
@@ -149,6 +150,9 @@ def test_folder_files_without_a_url_drafts_bad_yaml_and_other_types_are_skipped_
     assert "1 files of other types" in by_source["site"].reason  # type: ignore[union-attr]
     assert ".hidden.md" not in by_source
     with_base = {Path(o.source).name: o for o in collect.folder(site, base_url="https://a.example/blog")}
+    assert with_base["script.md"] == collect.Skipped(
+        str(site / "script.md"), "its URL 'javascript:alert(1)' is not an http(s) URL"
+    )
     plain = with_base["plain.txt"]
     assert isinstance(plain, collect.Found)
     assert plain.document.title == "Plain title"

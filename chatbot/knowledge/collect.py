@@ -102,6 +102,8 @@ def _file(path: Path, relative: Path, base_url: str | None) -> Outcome:
     url = _file_url(meta, relative, base_url)
     if url is None:
         return Skipped(str(path), "no URL: give --base-url, or `url`/`permalink` in its front matter")
+    if not _web_url(url):
+        return Skipped(str(path), f"its URL {url!r} is not an http(s) URL")
     if not text.strip():
         return Skipped(str(path), "empty")
     return Found(str(path), Document(title, url, text))

@@ -108,7 +108,7 @@ def summary(report: Report, out: Path) -> str:
     """The report as the lines `chatbot index` prints."""
     lines = [f"indexed {len(report.documents)} documents: {report.passages} passages"]
     lines += [f"  {found.document.url}  ({found.source})" if found.source != found.document.url
-              else f"  {found.document.url}" for found in report.documents]  # fmt: skip
+              else f"  {found.document.url}" for found in sorted(report.documents, key=_url)]  # fmt: skip
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         lines += [f"  {item.source}: {item.reason}" for item in report.skipped]
@@ -117,3 +117,7 @@ def summary(report: Report, out: Path) -> str:
     else:
         lines.append(f"nothing to index: {out} left as it was")
     return "\n".join(lines)
+
+
+def _url(found: Found) -> str:
+    return found.document.url

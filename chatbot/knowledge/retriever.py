@@ -36,7 +36,8 @@ class Retrieval:
     def sources(self) -> list[dict[str, str]]:
         seen: dict[str, str] = {}
         for passage in self.passages:
-            seen.setdefault(passage.url, passage.title)
+            if passage.url.startswith(("https://", "http://")):  # a link a browser may follow, whoever built the index
+                seen.setdefault(passage.url, passage.title)
         return [{"title": title, "url": url} for url, title in seen.items()]
 
 
