@@ -122,7 +122,8 @@ def test_cli_indexes_a_folder_of_markdown_posts_and_reports_each(
         rows = connection.execute(
             "SELECT title, heading FROM passages WHERE url = ?", (f"{BASE}/posts/gullwing-firmware",)
         )
-        assert ("Home-row mods on the Gullwing", "Flashing") in rows.fetchall()
+        # The page's own heading differs from its front matter's title, so it leads the heading path.
+        assert ("Home-row mods on the Gullwing", "Home-row modifiers › Flashing") in rows.fetchall()
     finally:
         connection.close()
 

@@ -70,7 +70,7 @@ async def test_a_post_that_answers_the_question_reaches_the_upstream_and_the_sou
     system = system_text(api, upstream.requests[0])
     assert system.startswith("You are Ines's site.\n\n" + history.GROUNDING)
     assert FLASHING in system
-    assert f'url="{BASE}/posts/gullwing-firmware" section="Flashing"' in system
+    assert f'url="{BASE}/posts/gullwing-firmware" section="Home-row modifiers › Flashing"' in system
     assert len(system) < settings.knowledge_max_chars + 2000
 
     session = await get_session(client, created["id"])

@@ -50,15 +50,12 @@ def split(document: Document, *, max_chars: int = MAX_PASSAGE_CHARS) -> list[Pas
     """The document's passages in order: one per heading's section (longer ones cut), empty sections dropped."""
     passages: list[Passage] = []
     path: list[tuple[int, str]] = []
-    sections = _sections(normalize(document.text))
-    # A page that opens with a level-1 heading names itself with it: that heading is the title, not a section.
-    page_heading = sections[1][1] if len(sections) > 1 and sections[1][0] == 1 and not sections[0][2].strip() else ""
-    for level, heading, body in sections:
+    for level, heading, body in _sections(normalize(document.text)):
         if level:
             while path and path[-1][0] >= level:
                 path.pop()
             path.append((level, heading))
-        names = [name for _, name in path if name and name not in (document.title, page_heading)]
+        names = [name for _, name in path if name and name != document.title]
         for piece in _pieces(body.strip(), max_chars):
             passages.append(Passage(document.title, document.url, " › ".join(names), piece))
     return passages
