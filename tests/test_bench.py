@@ -79,3 +79,13 @@ def test_quick_run_measures_both_servers(tmp_path: Path) -> None:
         resume = target["resume"]
         assert resume["reconnects"] > 0
         assert (resume["gaps"], resume["duplicates"], resume["errors"]) == (0, 0, 0)
+
+
+def test_retrieval_bench_reports_recall_at_3_and_time_per_retrieval(tmp_path: Path) -> None:
+    from bench import retrieval
+
+    assert retrieval.main(["--quick", "--pages", "100", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert (result["pages"], result["questions"], result["samples"]) == (100, 52, 520)
+    assert result["recall_at_3"] >= retrieval.TARGET_RECALL, result["misses"]
+    assert 0 < result["search_p50_ms"] <= result["search_p99_ms"]

@@ -7,7 +7,9 @@ request's User-Agent and how many were in flight at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +204,7 @@ class Site:
 
     url: str = ""
     agents: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: int = 0
     robots: str = "User-agent: *\nDisallow: /private/\n"
@@ -215,6 +218,7 @@ async def site() -> AsyncIterator[Site]:
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
         state.agents.append(request.headers.get("User-Agent", ""))
+        state.times.append(time.monotonic())
         state.in_flight += 1
         state.most_in_flight = max(state.most_in_flight, state.in_flight)
         try:
@@ -319,6 +323,15 @@ async def test_a_robots_txt_that_fails_allows_nothing_and_a_missing_one_everythi
     if status == 503:
         assert [item.reason for item in report.skipped] == ["disallowed by robots.txt"]
     del indexed
+
+
+async def test_a_crawl_delay_spaces_the_requests_to_the_site(site: Site, tmp_path: Path) -> None:
+    site.robots = "User-agent: *\nCrawl-delay: 0.25\n"
+    report = await indexer.run([f"{site.url}/feed.xml"], indexer.Options(out=tmp_path / "k.sqlite3", concurrency=4))
+    assert len(report.documents) == 2
+    after_robots = site.times[1:]  # the feed, then its two pages
+    assert len(after_robots) == 3
+    assert all(later - earlier >= 0.24 for earlier, later in itertools.pairwise(after_robots))
 
 
 def test_nothing_read_leaves_the_old_index_in_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,6 +33,9 @@ MARKDOWN = frozenset({".md", ".markdown"})
 HTML = frozenset({".html", ".htm"})
 TEXT = frozenset({".txt"})
 
+# A robots.txt Crawl-delay is honoured up to this many seconds between requests to one origin.
+MAX_CRAWL_DELAY = 10.0
+
 USER_AGENT = "chatbot-indexer/0.1 (indexes a site's own pages for its chat assistant)"
 
 
@@ -168,15 +171,29 @@ class Fetcher:
     max_bytes: int = 10 * 1024 * 1024
     _slots: asyncio.Semaphore = field(init=False)
     _robots: dict[str, asyncio.Future[Protego | None]] = field(init=False, default_factory=dict)
+    _pacing: dict[str, asyncio.Lock] = field(init=False, default_factory=dict)
+    _next: dict[str, float] = field(init=False, default_factory=dict)  # loop time of an origin's next request
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def get(self, url: str) -> tuple[str, str]:
-        """(content type, text); raises FetchError."""
-        if not await self.allowed(url):
+        """(content type, text); raises FetchError. Waits out the origin's Crawl-delay, if it sets one."""
+        origin = _origin(url)
+        rules = await self._rules(origin)
+        if rules is None or not rules.can_fetch(url, USER_AGENT):
             raise FetchError("disallowed by robots.txt")
-        return await self._get(url)
+        delay = min(float(rules.crawl_delay(USER_AGENT) or 0.0), MAX_CRAWL_DELAY)
+        if not delay:
+            return await self._get(url)
+        loop = asyncio.get_running_loop()
+        async with self._pacing.setdefault(origin, asyncio.Lock()):  # one at a time, `delay` apart
+            if (wait := self._next.get(origin, 0.0) - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                return await self._get(url)
+            finally:
+                self._next[origin] = loop.time() + delay
 
     async def _get(self, url: str) -> tuple[str, str]:
         async with self._slots:
@@ -201,14 +218,11 @@ class Fetcher:
                 raise FetchError("not valid gzip") from None
         return kind, body.decode(charset or "utf-8", errors="replace")
 
-    async def allowed(self, url: str) -> bool:
-        """Whether robots.txt of the URL's origin lets our User-Agent fetch it (read once per origin)."""
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
+    async def _rules(self, origin: str) -> Protego | None:
+        """The origin's robots.txt rules, read once per origin; None: fetch nothing there."""
         if origin not in self._robots:
             self._robots[origin] = asyncio.ensure_future(self._read_robots(origin))
-        rules = await self._robots[origin]
-        return rules is not None and rules.can_fetch(url, USER_AGENT)
+        return await self._robots[origin]
 
     async def _read_robots(self, origin: str) -> Protego | None:
         """The origin's rules; an allow-all for a 4xx; None (fetch nothing) when it cannot be read."""
@@ -277,6 +291,11 @@ async def _listing(url: str, fetcher: Fetcher, links: list[_Link], skipped: list
     if isinstance(sitemap, InvalidSitemap) or not pages:
         skipped.append(Skipped(url, "not a sitemap or an RSS/Atom feed (or one listing no http(s) pages)"))
     links += pages
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _web_url(url: str) -> bool:
