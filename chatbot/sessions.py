@@ -88,9 +88,9 @@ async def create(request: web.Request) -> web.Response:
     await _rate_limit(request)
     store = request.app[STORE]
     turns = await store.history(conversation_id) if "conversation_id" in body else []
+    found = await _knowledge(request, message, turns)  # first: no new wait between storing a session and spawning
     session_id = ids.new_id()
     await store.create_session(session_id, conversation_id, message)
-    found = await _knowledge(request, message, turns)
     messages = history.messages(
         request.app[SETTINGS].system_prompt, turns, message, knowledge=None if found is None else found.passages
     )

@@ -7,6 +7,7 @@ request's User-Agent and how many were in flight at once.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import sqlite3
 import time
@@ -140,6 +141,9 @@ def test_folder_files_without_a_url_drafts_bad_yaml_and_other_types_are_skipped_
     (site / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (site / "notes" / "plain.txt").write_text("Plain title\n\nA plain text note.\n")
     (site / "logo.png").write_bytes(b"\x89PNG")
+    (site / "page.html").write_text(
+        PAGE.format(title="Choosing an anchor", body=PAGES["/posts/anchors.html"][1], details="x")
+    )
     (site / ".hidden.md").write_text("# Hidden\n")
     (site / "script.md").write_text("---\npermalink: javascript:alert(1)\n---\n# Script\n\nText.\n")
     found = list(collect.folder(site, base_url=None))
@@ -156,6 +160,10 @@ def test_folder_files_without_a_url_drafts_bad_yaml_and_other_types_are_skipped_
     assert with_base["script.md"] == collect.Skipped(
         str(site / "script.md"), "its URL 'javascript:alert(1)' is not an http(s) URL"
     )
+    html = with_base["page.html"]
+    assert isinstance(html, collect.Found)
+    assert html.document.title == "Choosing an anchor" and html.document.url == "https://a.example/blog/page.html"
+    assert "Rocna anchor" in html.document.text and "Cookie settings" not in html.document.text
     plain = with_base["plain.txt"]
     assert isinstance(plain, collect.Found)
     assert plain.document.title == "Plain title"
@@ -234,6 +242,10 @@ async def site() -> AsyncIterator[Site]:
 
         return handler
 
+    async def gzipped(_: web.Request) -> web.Response:
+        urls = f"<url><loc>{state.url}/posts/bees.html</loc></url>"
+        return web.Response(body=gzip.compress(SITEMAP.format(urls=urls).encode()), content_type="application/gzip")
+
     async def robots(_: web.Request) -> web.Response:
         return web.Response(status=state.robots_status, text=state.robots)
 
@@ -256,6 +268,7 @@ async def site() -> AsyncIterator[Site]:
     app.router.add_get("/sitemap.xml", xml(SITEMAP_INDEX))
     app.router.add_get("/sitemap-posts.xml", xml(SITEMAP.format(urls=urls)))
     app.router.add_get("/feed.xml", xml(FEED))
+    app.router.add_get("/sitemap-small.xml.gz", gzipped)
     app.router.add_get("/not-a-feed.xml", not_a_feed)
     for path in PAGES:
         app.router.add_get(path, page)
@@ -323,6 +336,11 @@ async def test_a_robots_txt_that_fails_allows_nothing_and_a_missing_one_everythi
     if status == 503:
         assert [item.reason for item in report.skipped] == ["disallowed by robots.txt"]
     del indexed
+
+
+async def test_a_gzipped_sitemap_is_read(site: Site, tmp_path: Path) -> None:
+    report = await indexer.run([f"{site.url}/sitemap-small.xml.gz"], indexer.Options(out=tmp_path / "k.sqlite3"))
+    assert [found.document.title for found in report.documents] == ["Winter bees"]
 
 
 async def test_a_crawl_delay_spaces_the_requests_to_the_site(site: Site, tmp_path: Path) -> None:
