@@ -24,6 +24,7 @@ from chatbot import cli
 from chatbot.knowledge import collect, index, indexer
 from chatbot.knowledge.passages import Document, split
 from chatbot.knowledge.retriever import Knowledge, query_terms
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -334,8 +335,19 @@ async def test_a_robots_txt_that_fails_allows_nothing_and_a_missing_one_everythi
     report = await indexer.run([f"{site.url}/feed.xml"], indexer.Options(out=tmp_path / "k.sqlite3", timeout=0.5))
     assert len(report.documents) == {503: 0, 404: 2}[status]
     if status == 503:
-        assert [item.reason for item in report.skipped] == ["disallowed by robots.txt"]
+        assert [item.reason for item in report.skipped] == [
+            f"robots.txt unreadable (HTTP 503), so nothing is fetched from {site.url}"
+        ]
     del indexed
+
+
+async def test_a_site_that_refuses_connections_is_reported(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/sitemap.xml"
+    report = await indexer.run([url], indexer.Options(out=tmp_path / "k.sqlite3", timeout=2))
+    (skipped,) = report.skipped
+    assert skipped.source == url
+    assert skipped.reason.startswith("robots.txt unreadable (ClientConnectorError")
+    assert not (tmp_path / "k.sqlite3").exists()
 
 
 async def test_a_gzipped_sitemap_is_read(site: Site, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from usp.objects.sitemap import AbstractIndexSitemap, InvalidSitemap
 from usp.tree import sitemap_from_str
 
 from .passages import Document, first_heading
-
-log = logging.getLogger(__name__)
 
 MARKDOWN = frozenset({".md", ".markdown"})
 HTML = frozenset({".html", ".htm"})
@@ -170,7 +167,7 @@ class Fetcher:
     timeout: float = 10.0
     max_bytes: int = 10 * 1024 * 1024
     _slots: asyncio.Semaphore = field(init=False)
-    _robots: dict[str, asyncio.Future[Protego | None]] = field(init=False, default_factory=dict)
+    _robots: dict[str, asyncio.Future[Protego | FetchError]] = field(init=False, default_factory=dict)
     _pacing: dict[str, asyncio.Lock] = field(init=False, default_factory=dict)
     _next: dict[str, float] = field(init=False, default_factory=dict)  # loop time of an origin's next request
 
@@ -181,7 +178,9 @@ class Fetcher:
         """(content type, text); raises FetchError. Waits out the origin's Crawl-delay, if it sets one."""
         origin = _origin(url)
         rules = await self._rules(origin)
-        if rules is None or not rules.can_fetch(url, USER_AGENT):
+        if isinstance(rules, FetchError):
+            raise FetchError(f"robots.txt unreadable ({rules}), so nothing is fetched from {origin}")
+        if not rules.can_fetch(url, USER_AGENT):
             raise FetchError("disallowed by robots.txt")
         delay = min(float(rules.crawl_delay(USER_AGENT) or 0.0), MAX_CRAWL_DELAY)
         if not delay:
@@ -218,21 +217,18 @@ class Fetcher:
                 raise FetchError("not valid gzip") from None
         return kind, body.decode(charset or "utf-8", errors="replace")
 
-    async def _rules(self, origin: str) -> Protego | None:
-        """The origin's robots.txt rules, read once per origin; None: fetch nothing there."""
+    async def _rules(self, origin: str) -> Protego | FetchError:
+        """The origin's robots.txt rules, read once per origin, or why they could not be read."""
         if origin not in self._robots:
             self._robots[origin] = asyncio.ensure_future(self._read_robots(origin))
         return await self._robots[origin]
 
-    async def _read_robots(self, origin: str) -> Protego | None:
-        """The origin's rules; an allow-all for a 4xx; None (fetch nothing) when it cannot be read."""
+    async def _read_robots(self, origin: str) -> Protego | FetchError:
+        """The origin's rules; an allow-all for a 4xx; why not, when it cannot be read (then fetch nothing)."""
         try:
             _, text = await self._get(origin + "/robots.txt")
         except FetchError as exc:
-            if str(exc).startswith("HTTP 4"):
-                return Protego.parse("")
-            log.info("robots.txt of %s unreadable (%s): nothing fetched there", origin, exc)
-            return None
+            return Protego.parse("") if str(exc).startswith("HTTP 4") else exc
         return Protego.parse(text)
 
 
