@@ -247,6 +247,17 @@ async def site() -> AsyncIterator[Site]:
         urls = f"<url><loc>{state.url}/posts/bees.html</loc></url>"
         return web.Response(body=gzip.compress(SITEMAP.format(urls=urls).encode()), content_type="application/gzip")
 
+    legacy = "<html><head><meta charset='windows-1252'><title>Caf\xe9</title></head><body><article><h1>Caf\xe9</h1>"
+    legacy += "<p>The caf\xe9 on the quay sells na\xefve paintings of boats and a r\xe9sum\xe9 of the harbour.</p>"
+    legacy += "</article></body></html>"
+
+    async def cp1252(_: web.Request) -> web.Response:  # the charset only in the page's <meta>
+        return web.Response(body=legacy.encode("cp1252"), headers={"Content-Type": "text/html"})
+
+    async def unknown_charset(_: web.Request) -> web.Response:
+        body = legacy.replace("windows-1252", "utf-8").encode()
+        return web.Response(body=body, headers={"Content-Type": "text/html; charset=klingon"})
+
     async def robots(_: web.Request) -> web.Response:
         return web.Response(status=state.robots_status, text=state.robots)
 
@@ -270,6 +281,12 @@ async def site() -> AsyncIterator[Site]:
     app.router.add_get("/sitemap-posts.xml", xml(SITEMAP.format(urls=urls)))
     app.router.add_get("/feed.xml", xml(FEED))
     app.router.add_get("/sitemap-small.xml.gz", gzipped)
+    app.router.add_get(
+        "/charsets.xml",
+        xml(SITEMAP.format(urls="<url><loc>{base}/cp1252</loc></url><url><loc>{base}/klingon</loc></url>")),
+    )
+    app.router.add_get("/cp1252", cp1252)
+    app.router.add_get("/klingon", unknown_charset)
     app.router.add_get("/not-a-feed.xml", not_a_feed)
     for path in PAGES:
         app.router.add_get(path, page)
@@ -348,6 +365,14 @@ async def test_a_site_that_refuses_connections_is_reported(tmp_path: Path) -> No
     assert skipped.source == url
     assert skipped.reason.startswith("robots.txt unreadable (ClientConnectorError")
     assert not (tmp_path / "k.sqlite3").exists()
+
+
+async def test_pages_in_legacy_or_unknown_charsets_are_read(site: Site, tmp_path: Path) -> None:
+    report = await indexer.run([f"{site.url}/charsets.xml"], indexer.Options(out=tmp_path / "k.sqlite3"))
+    assert not report.skipped
+    texts = sorted(found.document.text for found in report.documents)
+    assert len(texts) == 2
+    assert all("The café on the quay sells naïve paintings" in text for text in texts), texts
 
 
 async def test_a_gzipped_sitemap_is_read(site: Site, tmp_path: Path) -> None:

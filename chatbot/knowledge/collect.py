@@ -137,7 +137,7 @@ def _file_url(meta: dict[str, object], relative: Path, base_url: str | None) -> 
     return base + path
 
 
-def _html(raw: str) -> tuple[dict[str, object], str] | None:
+def _html(raw: str | bytes) -> tuple[dict[str, object], str] | None:
     """The page's main text as Markdown (headings kept) and its metadata, by trafilatura; None if it found none."""
     extracted = trafilatura.extract(
         raw, output_format="markdown", include_formatting=True, include_comments=False, with_metadata=True
@@ -158,6 +158,22 @@ class FetchError(Exception):
     """A URL could not be fetched; the message says why, for the report."""
 
 
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A response's media type, its declared charset (if any) and its body."""
+
+    kind: str
+    charset: str | None
+    body: bytes
+
+    def text(self) -> str:
+        """The body decoded by its declared charset, else UTF-8; undecodable bytes become U+FFFD."""
+        try:
+            return self.body.decode(self.charset or "utf-8", errors="replace")
+        except LookupError:  # a charset Python does not know
+            return self.body.decode("utf-8", errors="replace")
+
+
 @dataclass
 class Fetcher:
     """Polite HTTP GETs: at most `concurrency` at once, each within `timeout` seconds and `max_bytes`."""
@@ -174,7 +190,7 @@ class Fetcher:
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
 
-    async def get(self, url: str) -> tuple[str, str]:
+    async def get(self, url: str) -> Fetched:
         """(content type, text); raises FetchError. Waits out the origin's Crawl-delay, if it sets one."""
         origin = _origin(url)
         rules = await self._rules(origin)
@@ -194,7 +210,7 @@ class Fetcher:
             finally:
                 self._next[origin] = loop.time() + delay
 
-    async def _get(self, url: str) -> tuple[str, str]:
+    async def _get(self, url: str) -> Fetched:
         async with self._slots:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -204,8 +220,7 @@ class Fetcher:
                         body = await response.content.read(self.max_bytes + 1)
                         if len(body) > self.max_bytes:
                             raise FetchError(f"larger than {self.max_bytes} bytes")
-                        kind = response.content_type
-                        charset = response.charset
+                        kind, charset = response.content_type, response.charset
             except TimeoutError:
                 raise FetchError(f"no complete answer within {self.timeout:g} s") from None
             except aiohttp.ClientError as exc:
@@ -215,7 +230,7 @@ class Fetcher:
                 body = gzip.decompress(body)[: self.max_bytes]
             except (OSError, EOFError):
                 raise FetchError("not valid gzip") from None
-        return kind, body.decode(charset or "utf-8", errors="replace")
+        return Fetched(kind, charset, body)
 
     async def _rules(self, origin: str) -> Protego | FetchError:
         """The origin's robots.txt rules, read once per origin, or why they could not be read."""
@@ -226,10 +241,10 @@ class Fetcher:
     async def _read_robots(self, origin: str) -> Protego | FetchError:
         """The origin's rules; an allow-all for a 4xx; why not, when it cannot be read (then fetch nothing)."""
         try:
-            _, text = await self._get(origin + "/robots.txt")
+            robots = await self._get(origin + "/robots.txt")
         except FetchError as exc:
             return Protego.parse("") if str(exc).startswith("HTTP 4") else exc
-        return Protego.parse(text)
+        return Protego.parse(robots.text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,18 +279,18 @@ async def web(
 async def _listing(url: str, fetcher: Fetcher, links: list[_Link], skipped: list[Skipped], *, depth: int) -> None:
     """Add the pages `url` lists to links: a feed's entries, a sitemap's pages, an index's sitemaps' pages."""
     try:
-        _, text = await fetcher.get(url)
+        listing = await fetcher.get(url)
     except FetchError as exc:
         skipped.append(Skipped(url, str(exc)))
         return
-    feed = feedparser.parse(text)
+    feed = feedparser.parse(listing.body)  # bytes: feedparser finds the encoding in the XML declaration
     if feed.version:
         found = [_Link(e.link, e.get("title", "")) for e in feed.entries if _web_url(e.get("link", ""))]
         if not found:
             skipped.append(Skipped(url, f"a feed ({feed.version}) with no entries linking to http(s) pages"))
         links += found
         return
-    sitemap = sitemap_from_str(text)
+    sitemap = sitemap_from_str(listing.text())
     if isinstance(sitemap, AbstractIndexSitemap):
         if depth >= 3:
             skipped.append(Skipped(url, "sitemap index nested more than 3 deep"))
@@ -301,18 +316,20 @@ def _web_url(url: str) -> bool:
 
 async def _page(link: _Link, fetcher: Fetcher) -> Outcome:
     try:
-        kind, raw = await fetcher.get(link.url)
+        page = await fetcher.get(link.url)
     except FetchError as exc:
         return Skipped(link.url, str(exc))
-    if kind == "text/plain":
+    if page.kind == "text/plain":
         meta: dict[str, object] = {}
-        text = raw
-    elif kind in ("text/html", "application/xhtml+xml", ""):
-        page = await asyncio.to_thread(_html, raw)
-        if page is None:
+        text = page.text()
+    elif page.kind in ("text/html", "application/xhtml+xml", ""):
+        # Bytes unless the server named a charset: trafilatura then reads the page's own <meta charset>.
+        raw: str | bytes = page.text() if page.charset else page.body
+        extracted = await asyncio.to_thread(_html, raw)
+        if extracted is None:
             return Skipped(link.url, "no main text found in the HTML")
-        meta, text = page
+        meta, text = extracted
     else:
-        return Skipped(link.url, f"not a page ({kind})")
+        return Skipped(link.url, f"not a page ({page.kind})")
     title = _string(meta.get("title")) or link.title or first_heading(text) or link.url
     return Found(link.url, Document(title, link.url, text))
