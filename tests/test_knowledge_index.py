@@ -285,6 +285,9 @@ async def site() -> AsyncIterator[Site]:
         "/charsets.xml",
         xml(SITEMAP.format(urls="<url><loc>{base}/cp1252</loc></url><url><loc>{base}/klingon</loc></url>")),
     )
+    app.router.add_get("/loop.xml", xml(SITEMAP_INDEX.replace("sitemap-posts.xml", "loop.xml")))
+    relative = '<rss version="2.0"><channel><title>I</title><item><title>Bees</title><link>/posts/bees.html</link>'
+    app.router.add_get("/relative.rss", xml(relative + "</item></channel></rss>"))
     app.router.add_get("/cp1252", cp1252)
     app.router.add_get("/klingon", unknown_charset)
     app.router.add_get("/not-a-feed.xml", not_a_feed)
@@ -373,6 +376,16 @@ async def test_pages_in_legacy_or_unknown_charsets_are_read(site: Site, tmp_path
     texts = sorted(found.document.text for found in report.documents)
     assert len(texts) == 2
     assert all("The café on the quay sells naïve paintings" in text for text in texts), texts
+
+
+async def test_a_sitemap_index_that_lists_itself_ends_and_a_feeds_relative_links_resolve(
+    site: Site, tmp_path: Path
+) -> None:
+    sources = [f"{site.url}/loop.xml", f"{site.url}/relative.rss"]
+    report = await indexer.run(sources, indexer.Options(out=tmp_path / "k.sqlite3"))
+    assert [found.document.url for found in report.documents] == [f"{site.url}/posts/bees.html"]
+    assert [(item.source, item.reason) for item in report.skipped] == [(sources[0], "lists no pages")]
+    assert site.agents.count(collect.USER_AGENT) == 4  # robots.txt, loop.xml once, the feed, the page
 
 
 async def test_a_gzipped_sitemap_is_read(site: Site, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ TEXT = frozenset({".txt"})
 
 # A robots.txt Crawl-delay is honoured up to this many seconds between requests to one origin.
 MAX_CRAWL_DELAY = 10.0
+MAX_SITEMAPS = 1000  # sitemaps read for one source, sitemap indexes included
 
 USER_AGENT = "chatbot-indexer/0.1 (indexes a site's own pages for its chat assistant)"
 
@@ -86,7 +87,10 @@ def _file(path: Path, relative: Path, base_url: str | None) -> Outcome:
         return Skipped(str(path), exc.strerror or type(exc).__name__)
     suffix = path.suffix.lower()
     if suffix in HTML:
-        page = _html(raw)
+        try:
+            page = _html(raw)
+        except Exception as exc:  # the extractor's failure on one file skips that file, never the run
+            return Skipped(str(path), f"cannot be read ({type(exc).__name__}: {exc})")
         if page is None:
             return Skipped(str(path), "no main text found in the HTML")
         meta, text = page
@@ -259,7 +263,9 @@ async def web(
     """The pages a sitemap (or sitemap index) or an RSS/Atom feed lists, fetched and reduced to main text."""
     links: list[_Link] = []
     skipped: list[Skipped] = []
-    await _listing(url, fetcher, links, skipped, depth=0)
+    await _listing(url, fetcher, links, skipped, seen=set())
+    if not links and not skipped:
+        skipped.append(Skipped(url, "lists no pages"))  # e.g. a sitemap index listing only itself
     for item in skipped:
         yield item
     unique = list({link.url: link for link in links}.values())
@@ -276,32 +282,46 @@ async def web(
             task.cancel()
 
 
-async def _listing(url: str, fetcher: Fetcher, links: list[_Link], skipped: list[Skipped], *, depth: int) -> None:
+async def _listing(url: str, fetcher: Fetcher, links: list[_Link], skipped: list[Skipped], *, seen: set[str]) -> None:
     """Add the pages `url` lists to links: a feed's entries, a sitemap's pages, an index's sitemaps' pages."""
+    seen.add(url)
     try:
         listing = await fetcher.get(url)
     except FetchError as exc:
         skipped.append(Skipped(url, str(exc)))
         return
+    try:
+        subs = _read_listing(url, listing, links, skipped)
+    except Exception as exc:  # a parser's failure on one document skips that document, never the run
+        skipped.append(Skipped(url, f"cannot be read as a sitemap or a feed ({type(exc).__name__}: {exc})"))
+        return
+    for sub in subs:
+        if sub in seen:
+            continue
+        if len(seen) >= MAX_SITEMAPS:
+            skipped.append(Skipped(sub, f"more than {MAX_SITEMAPS} sitemaps under {url}"))
+            continue
+        await _listing(sub, fetcher, links, skipped, seen=seen)
+
+
+def _read_listing(url: str, listing: Fetched, links: list[_Link], skipped: list[Skipped]) -> list[str]:
+    """Add a feed's or a sitemap's pages to links; a sitemap index's sitemaps are returned instead."""
     feed = feedparser.parse(listing.body)  # bytes: feedparser finds the encoding in the XML declaration
     if feed.version:
-        found = [_Link(e.link, e.get("title", "")) for e in feed.entries if _web_url(e.get("link", ""))]
+        found = [_Link(urljoin(url, e.link), e.get("title", "")) for e in feed.entries if e.get("link")]
+        found = [link for link in found if _web_url(link.url)]
         if not found:
             skipped.append(Skipped(url, f"a feed ({feed.version}) with no entries linking to http(s) pages"))
         links += found
-        return
+        return []
     sitemap = sitemap_from_str(listing.text())
     if isinstance(sitemap, AbstractIndexSitemap):
-        if depth >= 3:
-            skipped.append(Skipped(url, "sitemap index nested more than 3 deep"))
-            return
-        for sub in sitemap.sub_sitemaps:
-            await _listing(sub.url, fetcher, links, skipped, depth=depth + 1)
-        return
+        return [sub.url for sub in sitemap.sub_sitemaps if _web_url(sub.url)]
     pages = [_Link(page.url) for page in sitemap.all_pages() if _web_url(page.url)]
     if isinstance(sitemap, InvalidSitemap) or not pages:
         skipped.append(Skipped(url, "not a sitemap or an RSS/Atom feed (or one listing no http(s) pages)"))
     links += pages
+    return []
 
 
 def _origin(url: str) -> str:
@@ -319,6 +339,13 @@ async def _page(link: _Link, fetcher: Fetcher) -> Outcome:
         page = await fetcher.get(link.url)
     except FetchError as exc:
         return Skipped(link.url, str(exc))
+    try:
+        return await _read_page(link, page)
+    except Exception as exc:  # the extractor's failure on one page skips that page, never the run
+        return Skipped(link.url, f"cannot be read ({type(exc).__name__}: {exc})")
+
+
+async def _read_page(link: _Link, page: Fetched) -> Outcome:
     if page.kind == "text/plain":
         meta: dict[str, object] = {}
         text = page.text()
