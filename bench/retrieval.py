@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from chatbot.knowledge import collect, index
+from chatbot.knowledge import folder, index, sources
 from chatbot.knowledge.passages import Document, split
 from chatbot.knowledge.retriever import Knowledge, query_terms
 
@@ -72,7 +72,7 @@ def synthetic(count: int, *, seed: int = 14) -> Iterator[Document]:
 
 def build(path: Path, pages: int) -> tuple[int, int]:
     """The fixture site plus synthetic pages up to `pages`: (documents, passages)."""
-    site = [o.document for o in collect.folder(SITE, base_url=_base()) if isinstance(o, collect.Found)]
+    site = [o.document for o in folder.read(SITE, base_url=_base()) if isinstance(o, sources.Found)]
     documents = site + list(synthetic(max(0, pages - len(site))))
     passages = [p for document in documents for p in split(document)]
     index.write(path, passages, documents=len(documents))

@@ -21,9 +21,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatbot import cli
-from chatbot.knowledge import collect, index, indexer
+from chatbot.knowledge import crawl, folder, index, indexer
 from chatbot.knowledge.passages import Document, split
 from chatbot.knowledge.retriever import Knowledge, query_terms
+from chatbot.knowledge.sources import Found, Skipped
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -147,26 +148,26 @@ def test_folder_files_without_a_url_drafts_bad_yaml_and_other_types_are_skipped_
     )
     (site / ".hidden.md").write_text("# Hidden\n")
     (site / "script.md").write_text("---\npermalink: javascript:alert(1)\n---\n# Script\n\nText.\n")
-    found = list(collect.folder(site, base_url=None))
+    found = list(folder.read(site, base_url=None))
     by_source = {Path(o.source).name: o for o in found}
-    assert isinstance(by_source["a.md"], collect.Found)
+    assert isinstance(by_source["a.md"], Found)
     assert by_source["a.md"].document == Document("A", "https://a.example/a/", "Text of a.")
-    assert isinstance(by_source["b.md"], collect.Skipped) and "--base-url" in by_source["b.md"].reason
-    assert by_source["draft.md"] == collect.Skipped(str(site / "draft.md"), "draft: true")
+    assert isinstance(by_source["b.md"], Skipped) and "--base-url" in by_source["b.md"].reason
+    assert by_source["draft.md"] == Skipped(str(site / "draft.md"), "draft: true")
     assert "front matter is not valid YAML" in by_source["broken.md"].reason  # type: ignore[union-attr]
-    assert by_source["latin1.txt"] == collect.Skipped(str(site / "latin1.txt"), "not UTF-8 text")
+    assert by_source["latin1.txt"] == Skipped(str(site / "latin1.txt"), "not UTF-8 text")
     assert "1 files of other types" in by_source["site"].reason  # type: ignore[union-attr]
     assert ".hidden.md" not in by_source
-    with_base = {Path(o.source).name: o for o in collect.folder(site, base_url="https://a.example/blog")}
-    assert with_base["script.md"] == collect.Skipped(
+    with_base = {Path(o.source).name: o for o in folder.read(site, base_url="https://a.example/blog")}
+    assert with_base["script.md"] == Skipped(
         str(site / "script.md"), "its URL 'javascript:alert(1)' is not an http(s) URL"
     )
     html = with_base["page.html"]
-    assert isinstance(html, collect.Found)
+    assert isinstance(html, Found)
     assert html.document.title == "Choosing an anchor" and html.document.url == "https://a.example/blog/page.html"
     assert "Rocna anchor" in html.document.text and "Cookie settings" not in html.document.text
     plain = with_base["plain.txt"]
-    assert isinstance(plain, collect.Found)
+    assert isinstance(plain, Found)
     assert plain.document.title == "Plain title"
     assert plain.document.url == "https://a.example/blog/notes/plain"
 
@@ -330,7 +331,7 @@ async def test_a_sitemap_index_and_a_feed_are_fetched_politely_and_bad_sources_r
     assert reasons["ftp://example.invalid/feed"] == "only http and https URLs can be fetched"
     assert len(report.skipped) == 6 + 2  # the feed's two pages were read from the sitemap already
 
-    assert set(site.agents) == {collect.USER_AGENT}
+    assert set(site.agents) == {crawl.USER_AGENT}
     assert site.most_in_flight == 2  # a few at once, never more
     printed = indexer.summary(report, out)
     assert f"  {site.url}/private/diary.html: disallowed by robots.txt" in printed
@@ -385,7 +386,7 @@ async def test_a_sitemap_index_that_lists_itself_ends_and_a_feeds_relative_links
     report = await indexer.run(sources, indexer.Options(out=tmp_path / "k.sqlite3"))
     assert [found.document.url for found in report.documents] == [f"{site.url}/posts/bees.html"]
     assert [(item.source, item.reason) for item in report.skipped] == [(sources[0], "lists no pages")]
-    assert site.agents.count(collect.USER_AGENT) == 4  # robots.txt, loop.xml once, the feed, the page
+    assert site.agents.count(crawl.USER_AGENT) == 4  # robots.txt, loop.xml once, the feed, the page
 
 
 async def test_a_gzipped_sitemap_is_read(site: Site, tmp_path: Path) -> None:

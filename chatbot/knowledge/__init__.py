@@ -2,7 +2,8 @@
 
 - `passages`: documents and their split into passages along headings (pure).
 - `index`: the index file (SQLite FTS5, BM25): writing it atomically, querying it safely.
-- `collect`: documents from folders (Markdown, HTML, text) and from sitemaps and feeds fetched politely.
+- `sources`: what reading a source gives (documents found, things skipped and why); `folder`: files with front
+  matter; `crawl`: the pages of sitemaps and feeds, fetched politely.
 - `indexer`: `chatbot index`: every source → documents → one index file, with a report.
 - `retriever`: the service's side: the best passages for a question within a budget, a changed file reloaded.
 """

@@ -16,9 +16,9 @@ from typing import TextIO
 
 import aiohttp
 
-from . import collect, index
-from .collect import Found, Outcome, Skipped
+from . import crawl, folder, index
 from .passages import Passage, split
+from .sources import Found, Outcome, Skipped
 
 
 @dataclass
@@ -67,7 +67,7 @@ async def run(sources: Sequence[str], options: Options, *, progress: TextIO = sy
     status = _Progress(progress)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        fetcher = collect.Fetcher(session, concurrency=options.concurrency, timeout=options.timeout)
+        fetcher = crawl.Fetcher(session, concurrency=options.concurrency, timeout=options.timeout)
         for source in sources:
             async for outcome in _outcomes(source, options, fetcher, status):
                 if isinstance(outcome, Found) and outcome.document.url in seen:
@@ -83,11 +83,9 @@ async def run(sources: Sequence[str], options: Options, *, progress: TextIO = sy
     return report
 
 
-async def _outcomes(
-    source: str, options: Options, fetcher: collect.Fetcher, status: _Progress
-) -> AsyncIterator[Outcome]:
+async def _outcomes(source: str, options: Options, fetcher: crawl.Fetcher, status: _Progress) -> AsyncIterator[Outcome]:
     if source.startswith(("http://", "https://")):
-        pages = collect.web(
+        pages = crawl.read(
             source, fetcher, max_pages=options.max_pages, progress=lambda d, t: status.pages(source, d, t)
         )
         async for outcome in pages:
@@ -95,7 +93,7 @@ async def _outcomes(
     elif "://" in source:
         yield Skipped(source, "only http and https URLs can be fetched")
     else:
-        for outcome in collect.folder(source, base_url=options.base_url):
+        for outcome in folder.read(source, base_url=options.base_url):
             yield outcome
 
 
