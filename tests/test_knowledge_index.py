@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import itertools
 import sqlite3
 import time
@@ -442,3 +443,18 @@ def test_a_file_that_is_not_an_index_is_refused_with_a_reason(tmp_path: Path, co
         sqlite3.connect(path).execute("CREATE TABLE other (x)").connection.close()
     with pytest.raises(index.BadIndex):
         index.open_index(path)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_progress_is_one_rewritten_line_on_a_terminal_and_nothing_elsewhere(site: Site, tmp_path: Path) -> None:
+    terminal, pipe = _Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        await indexer.run([f"{site.url}/feed.xml"], indexer.Options(out=tmp_path / "k.sqlite3"), progress=stream)
+    assert pipe.getvalue() == ""
+    shown = terminal.getvalue()
+    assert f"\r\x1b[K{site.url}/feed.xml: 2/2 pages" in shown
+    assert shown.endswith("\r\x1b[K") and "\n" not in shown
