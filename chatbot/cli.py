@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
@@ -15,6 +16,7 @@ from pythonjsonlogger.json import JsonFormatter
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("chatbot")
+T = TypeVar("T", int, float)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,9 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     index.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder, or the URL of a sitemap or a feed")
     index.add_argument("--out", type=Path, default=Path("knowledge.sqlite3"), help="the index file (knowledge.sqlite3)")
     index.add_argument("--base-url", help="the site's URL, for files whose front matter gives no url/permalink")
-    index.add_argument("--timeout", type=float, default=10.0, help="seconds per web request (10)")
-    index.add_argument("--concurrency", type=int, default=4, help="web requests at once (4)")
-    index.add_argument("--max-pages", type=int, default=10_000, help="pages read per sitemap or feed (10000)")
+    index.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per web request (10)")
+    index.add_argument("--concurrency", type=_positive(int), default=4, help="web requests at once (4)")
+    index.add_argument(
+        "--max-pages", type=_positive(int), default=10_000, help="pages read per sitemap or feed (10000)"
+    )
     args = parser.parse_args(argv)
     if args.command == "index":
         return _index(args)
@@ -60,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {raw}")
+        return value
+
+    return parse
+
+
 def _index(args: argparse.Namespace) -> int:
     import asyncio
     import sqlite3
@@ -75,7 +89,7 @@ def _index(args: argparse.Namespace) -> int:
     options = indexer.Options(
         out=args.out,
         base_url=args.base_url,
-        concurrency=max(1, args.concurrency),
+        concurrency=args.concurrency,
         timeout=args.timeout,
         max_pages=args.max_pages,
     )
