@@ -458,3 +458,26 @@ async def test_progress_is_one_rewritten_line_on_a_terminal_and_nothing_elsewher
     shown = terminal.getvalue()
     assert f"\r\x1b[K{site.url}/feed.xml: 2/2 pages" in shown
     assert shown.endswith("\r\x1b[K") and "\n" not in shown
+
+
+BAD_OPTIONS = [
+    ["--timeout", "0"],
+    ["--timeout", "nan"],
+    ["--concurrency", "-1"],
+    ["--max-pages", "0"],
+    ["--base-url", "x"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_OPTIONS)
+def test_bad_options_stop_the_command_before_anything_is_read(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "k.sqlite3"
+    try:
+        code = cli.main(["index", str(SITE), "--out", str(out), *args])
+    except SystemExit as exc:  # argparse's way of refusing an option
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2
+    assert args[0] in capsys.readouterr().err
+    assert not out.exists()
