@@ -2,8 +2,9 @@
 
 Indexes the fixture site (tests/data/site, 33 pages about a fictional developer's projects) plus synthetic
 pages up to 1,000, asks the labelled questions (tests/data/site-questions.json: question → the page that
-answers it) and reports recall@3 (the page among the answer's first three sources) and the time per
-retrieval, both as the service's worker thread runs it (stat + FTS5 query + budget) and as a request
+answers it) and reports recall@3 (the page among the answer's first three sources), how many off-topic
+questions (the file's `off_topic`) still get sources (no target: a known weakness of matching any word),
+and the time per retrieval, both as the service's worker thread runs it (stat + FTS5 query + budget) and as a request
 awaits it (through the worker thread).
 """
 
@@ -103,6 +104,7 @@ def measure(pages: int, repeats: int) -> dict[str, Any]:
                 top = [s["url"] for s in knowledge.search(query_terms(question)).sources[:3]]
                 if url not in top:
                     misses.append({"question": question, "expected": url, "got": top})
+            off_topic = [q for q in labelled["off_topic"] if knowledge.search(query_terms(q)).sources]
             sync_ms: list[float] = []
             cpu_ms: list[float] = []
             for _ in range(repeats):
@@ -120,6 +122,8 @@ def measure(pages: int, repeats: int) -> dict[str, Any]:
         "questions": len(questions),
         "recall_at_3": 1 - len(misses) / len(questions),
         "misses": misses,
+        "off_topic": len(labelled["off_topic"]),
+        "off_topic_with_sources": off_topic,
         "samples": len(sync_ms),
         "search_p50_ms": statistics.median(sync_ms),
         "search_p99_ms": _percentile(sync_ms, 0.99),
@@ -162,6 +166,8 @@ def table(result: dict[str, Any]) -> str:
     lines += [f"| {name} | {value} | {target} | {'' if met is None else ('yes' if met else 'NO')} |"
               for name, value, target, met in rows]  # fmt: skip
     lines += [f"missed: {m['question']!r} → {m['expected']} (got {m['got']})" for m in result["misses"]]
+    off = result["off_topic_with_sources"]
+    lines.append(f"off-topic questions given sources anyway: {len(off)} of {result['off_topic']} {off}")
     return "\n".join(lines)
 
 
