@@ -21,6 +21,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 NOFILE = 65536  # 10,000 streams: a socket each to the client, plus upstream and (baseline) Redis sockets
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -128,13 +129,15 @@ class Proc:
 class RedisServer(Proc):
     """redis-server on a free loopback port, no persistence, enough clients for the baseline."""
 
-    def __init__(self, *, cores: set[int], out: Path) -> None:
+    def __init__(self, *, cores: set[int], out: Path, name: str = "redis", extra: list[str] | None = None) -> None:
         self.port = free_port()
+        while extra and self.port + 10000 > 65535:  # a cluster node also listens on port + 10000
+            self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="chatbot-bench-redis-")
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", self._dir, "--maxclients", "50000", "--protected-mode", "no"]
-        super().__init__("redis", argv, cores=cores, out=out, env={})
+        argv += ["--dir", self._dir, "--maxclients", "50000", "--protected-mode", "no", *(extra or [])]
+        super().__init__(name, argv, cores=cores, out=out, env={})
         self.client = redis.Redis(port=self.port, decode_responses=True, socket_connect_timeout=1)
         wait_until(self._ping, what="redis-server PING")
         self.client.client_setname("bench")
@@ -161,6 +164,55 @@ class RedisServer(Proc):
         self.client.close()
         super().stop(timeout)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` redis-servers (no replicas), each like RedisServer, joined by redis-cli.
+
+    Reads like one RedisServer to the scenarios: commands and CPU are summed over the nodes.
+    """
+
+    def __init__(self, *, cores: set[int], out: Path, masters: int = 3) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for i in range(masters):
+                extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                self.nodes.append(RedisServer(cores=cores, out=out, name=f"redis-cluster-{i}", extra=extra))
+            subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+            )  # fmt: skip
+            wait_until(self._healthy, what="the cluster to cover every slot")
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.nodes[0].url
+        self.name = "redis-cluster"
+
+    def _healthy(self) -> bool:
+        return all(n.client.cluster("info")["cluster_state"] == "ok" for n in self.nodes)
+
+    def cpu_seconds(self) -> float:
+        return sum(n.cpu_seconds() for n in self.nodes)
+
+    def commands(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for node in self.nodes:
+            for name, calls in node.commands().items():
+                total[name] = total.get(name, 0) + calls
+        return total
+
+    def service_connections(self) -> int:
+        return sum(n.service_connections() for n in self.nodes)
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
 
 
 class Upstream(Proc):

@@ -127,6 +127,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{s['tokens_per_cpu_s']:,.0f} | {s['commands_per_token']:.3f} | {s['tokens_per_event']:.2f} | "
                 f"{s['service_core_busy']:.0%} | {s['load_core_busy']:.0%} |"
             )
+    lines += _cluster(results.get("cluster", {}))
     prof = service.get("profile")
     if prof and "self" in prof:
         step = prof["step"]
@@ -140,6 +141,27 @@ def table(results: dict[str, Any]) -> str:
         title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
         lines += _profile(title, prof)
     return "\n".join(lines)
+
+
+def _cluster(on: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The relay on one Redis and on a cluster; where Redis would saturate, from its CPU per token."""
+    if not on:
+        return []
+    lines = ["", "The service's relay on one Redis and on a Redis Cluster (three masters, no replicas):", ""]
+    lines += [
+        "| store | offered | achieved | p99 ms | tok/CPU-s | Redis CPU µs/tok | cmd/tok | Redis full at ≈ tok/s |"
+    ]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, steps in on.items():
+        for s in steps:
+            us = s["redis_us_per_token"]
+            # each master serves 1/masters of the tokens and saturates when its share costs one core
+            full = s["masters"] * 1e6 / us if us and not math.isnan(us) else float("nan")
+            lines.append(
+                f"| {label} | {s['offered']:,.0f} | {s['achieved']:,.0f} | {s['p99']:.2f} | "
+                f"{s['tokens_per_cpu_s']:,.0f} | {us:.1f} | {s['commands_per_token']:.3f} | {full:,.0f} |"
+            )
+    return lines
 
 
 def _profile(title: str, prof: dict[str, Any], top: int = 14) -> list[str]:

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from . import client, profile, report, scenarios
-from .procs import Cores, RedisServer, Server, Upstream, machine, raise_nofile
+from .procs import Cores, RedisCluster, RedisServer, Server, Upstream, machine, raise_nofile
 from .scenarios import Env
 from .upstream import Script
 
 OUT = Path(__file__).resolve().parent / "out"
 TARGETS = ("service", "baseline")
-SCENARIOS = ("ttft", "relay", "streams", "resume")
+SCENARIOS = ("ttft", "relay", "streams", "resume", "cluster")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Config:
     resume_drop_mean: float = 0.6  # seconds between drops, exponential
     profile_rate: float = 20000.0
     profile_seconds: float = 8.0
+    cluster_rates: tuple[float, ...] = (1000, 3000, 5000)  # the relay on one Redis and on three masters
 
 
 FULL = Config()
@@ -74,6 +75,7 @@ QUICK = Config(
     resume_arrival=8.0,
     resume_tokens=60,
     profile_seconds=4.0,
+    cluster_rates=(1000, 3000),
 )
 
 
@@ -83,7 +85,12 @@ def _log(message: str) -> None:
 
 @contextlib.contextmanager
 def _server(
-    kind: str, cores: Cores, redis: RedisServer, upstream: Upstream, out: Path, extra_env: dict[str, str]
+    kind: str,
+    cores: Cores,
+    redis: RedisServer | RedisCluster,
+    upstream: Upstream,
+    out: Path,
+    extra_env: dict[str, str],
 ) -> Iterator[Server]:
     """A fresh server per measurement, so that one's leftovers (memory, tasks) never colour the next."""
     redis.flush()
@@ -229,6 +236,9 @@ async def run(
     try:
         async with client.session() as http:
             env = Env(redis, upstream, http, _log)
+            if "cluster" in only and "service" in targets:
+                _log("service on one Redis and on a Redis Cluster:")
+                results["cluster"] = await _on_cluster(env, cores, config, out_dir=out, extra_env=extra_env)
             for kind in targets:
                 _log(f"{kind}:")
                 results["targets"][kind] = await _target(
@@ -247,6 +257,37 @@ async def run(
         redis.stop()
     results["wall_seconds"] = time.monotonic() - start
     return results
+
+
+async def _on_cluster(
+    env: Env, cores: Cores, config: Config, *, out_dir: Path, extra_env: dict[str, str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The service's relay at each of `cluster_rates`, on the one Redis and on a cluster of three masters.
+
+    The masters share the load cores with the load generator and the upstream, as the one Redis does; what
+    compares is service CPU and Redis CPU per token (summed over the masters), not where Redis saturates.
+    """
+    cluster = RedisCluster(cores=cores.load, out=out_dir)
+    on: dict[str, list[dict[str, Any]]] = {"one Redis": [], "cluster of 3 masters": []}
+    try:
+        stores: dict[str, RedisServer | RedisCluster] = {"one Redis": env.redis, "cluster of 3 masters": cluster}
+        for label, store in stores.items():
+            scoped = dataclasses.replace(env, redis=store)
+            for rate in config.cluster_rates:
+                _log(f"  relay at {rate:,.0f} tok/s on {label}")
+                with _server("service", cores, store, env.upstream, out_dir, extra_env) as server:
+                    step = await scenarios.relay_step(
+                        scoped, server, rate=rate, per_session=config.per_session,
+                        seconds=config.step_seconds, warm=config.step_warm,
+                    )  # fmt: skip
+                _log(
+                    f"    achieved {step['achieved']:,.0f}, p99 {step['p99']:.1f} ms, "
+                    f"{step['tokens_per_cpu_s']:,.0f} tok/CPU-s, Redis {step['redis_us_per_token']:.1f} µs/tok"
+                )
+                on[label].append({**step, "masters": len(cluster.nodes) if store is cluster else 1})
+    finally:
+        cluster.stop()
+    return on
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from . import client
-from .procs import RedisServer, Server, Upstream
+from .procs import RedisCluster, RedisServer, Server, Upstream
 from .upstream import Script, parse_tokens
 
 MS = 1e6  # ns per ms
@@ -45,7 +45,7 @@ def pct(values: list[float], q: float) -> float:
 class Env:
     """What every scenario uses: Redis, the upstream, the load generator's HTTP client."""
 
-    redis: RedisServer
+    redis: RedisServer | RedisCluster
     upstream: Upstream
     http: aiohttp.ClientSession
     log: Callable[[str], None]
@@ -64,6 +64,7 @@ class Counters:
             "t": time.monotonic(),
             "cpu": self.server.cpu_seconds(),
             "load_cpu": time.process_time() + self.env.upstream.cpu_seconds() + self.env.redis.cpu_seconds(),
+            "redis_cpu": self.env.redis.cpu_seconds(),
             "cmds": self.env.redis.commands(),
         }
 
@@ -80,6 +81,7 @@ class Counters:
             "wall": wall,
             "cpu": end["cpu"] - self.start["cpu"],
             "load_busy": (end["load_cpu"] - self.start["load_cpu"]) / wall,
+            "redis_cpu": end["redis_cpu"] - self.start["redis_cpu"],
             "commands": executed - inner,
             "commands_executed": executed,
         }
@@ -242,6 +244,7 @@ async def relay_step(
         "executed_per_token": used["commands_executed"] / tokens if tokens else float("nan"),
         "tokens_per_event": tokens / stats.events_in_window if stats.events_in_window else float("nan"),
         "load_core_busy": used["load_busy"],
+        "redis_us_per_token": used["redis_cpu"] * 1e6 / tokens if tokens else float("nan"),
         "upstream_late_p99": late["late_p99_ms"],
         "errors": stats.errors,
         "gaps": stats.gaps,

@@ -22,7 +22,7 @@ from .producer import Producers
 from .providers import Provider
 from .providers.demo import DemoProvider
 from .settings import Settings, SettingsError
-from .store import Store, open_redis
+from .store import open_store
 from .web import setup_web
 
 log = logging.getLogger(__name__)
@@ -102,16 +102,13 @@ def _resources(provider: Provider):  # type: ignore[no-untyped-def]
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        if settings.embedded_store:
-            log.warning("CHATBOT_REDIS_URL is not set: using the embedded in-process store (one instance only)")
-        else:
-            log.info("using Redis at %s", settings.redis_url)
-        store = Store(open_redis(settings), settings, owner=owner)
+        store = await open_store(settings, owner=owner)
         metrics = app[METRICS]
         producers = Producers(
             store, provider, metrics, lease_ttl=settings.lease_ttl_seconds, max_events=settings.max_answer_events
         )
         hub = Hub(store, metrics, lease_ttl=settings.lease_ttl_seconds, on_cancel=producers.cancel)
+        producers.on_generating = hub.follow_cancel
         app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
         metrics.watch(open_streams=lambda: app[CAPS].open, active_generations=lambda: producers.active)
         await producers.start()

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import events, keys
@@ -82,7 +81,6 @@ class Hub:
     def __init__(self, store: Store, metrics: Metrics, *, lease_ttl: float, on_cancel: Callable[[str], None]) -> None:
         self._store = store
         self._metrics = metrics
-        self._redis: aioredis.Redis = store.redis
         self._lease_ttl = lease_ttl
         self._on_cancel = on_cancel
         self._topics: dict[str, _Topic] = {}
@@ -94,6 +92,11 @@ class Hub:
         self._pubsub_lock = asyncio.Lock()
         self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._acked: set[str] = set()  # SUBSCRIBE acknowledged on the current connection
+        # Cluster mode: sessions this process generates, whose own cancel channel it listens to.
+        self._cancel_wanted: set[str] = set()
+        self._cancel_subscribed: set[str] = set()
+        self._cancel_changed: set[str] = set()
+        self._cancel_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -105,6 +108,8 @@ class Hub:
             asyncio.create_task(self._fetch_loop(), name="hub-fetch"),
             asyncio.create_task(self._sweep(), name="hub-sweep"),
         ]
+        if self._store.cluster:
+            self._tasks.append(asyncio.create_task(self._sync_cancels(), name="hub-cancels"))
 
     def end_streams(self) -> None:
         """Ask every open stream to end now (shutdown): clients reconnect to another instance."""
@@ -249,12 +254,17 @@ class Hub:
 
     async def _connect_pubsub(self) -> None:
         async with self._pubsub_lock:
-            self._pubsub = self._redis.pubsub()
-            await self._pubsub.subscribe(keys.CANCEL_CHANNEL)
+            self._pubsub = self._store.notices()
+            if self._store.control_channels:
+                await self._pubsub.subscribe(*self._store.control_channels)
             sids = list(self._topics)
             if sids:
                 await self._pubsub.subscribe(*(keys.notify_channel(sid) for sid in sids))
             self._subscribed = set(sids)
+            generating = list(self._cancel_wanted)
+            if generating:
+                await self._pubsub.subscribe(*(keys.cancel_channel(sid) for sid in generating))
+            self._cancel_subscribed = set(generating)
             self._pubsub_ready.set()
         if sids:
             self._sweep_now.set()  # the store may have restarted: check every producer at once
@@ -266,6 +276,10 @@ class Hub:
                 self._on_cancel(message["data"])
             return
         session_id = keys.session_id_from_channel(channel)
+        if channel == keys.cancel_channel(session_id):
+            if kind == "message":
+                self._on_cancel(session_id)
+            return
         if kind == "unsubscribe":
             self._acked.discard(session_id)
         elif kind == "subscribe":
@@ -279,6 +293,45 @@ class Hub:
                 self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
         elif kind == "message":
             self._mark_dirty(topic.session_id)
+
+    # -- cancel notices on a cluster ------------------------------------------------------------
+
+    def follow_cancel(self, session_id: str, generating: bool) -> None:
+        """Cluster mode: listen to a session's own cancel channel while this process generates it.
+
+        On a single Redis every hub hears the one global cancel channel, so this does nothing there.
+        """
+        if not self._store.cluster:
+            return
+        if generating:
+            self._cancel_wanted.add(session_id)
+        else:
+            self._cancel_wanted.discard(session_id)
+        self._cancel_changed.add(session_id)
+        self._cancel_wake.set()
+
+    async def _sync_cancels(self) -> None:
+        """Make the cancel subscriptions match the sessions this process generates (missed ones: the flag)."""
+        while True:
+            await self._cancel_wake.wait()
+            self._cancel_wake.clear()
+            changed, self._cancel_changed = self._cancel_changed, set()
+            async with self._pubsub_lock:
+                if not self._pubsub_ready.is_set():
+                    continue  # the listener subscribes every wanted channel when it (re)connects
+                try:
+                    join = [sid for sid in changed if sid in self._cancel_wanted and sid not in self._cancel_subscribed]
+                    leave = [
+                        sid for sid in changed if sid not in self._cancel_wanted and sid in self._cancel_subscribed
+                    ]
+                    if join:
+                        await self._pubsub.subscribe(*(keys.cancel_channel(sid) for sid in join))
+                        self._cancel_subscribed.update(join)
+                    if leave:
+                        await self._pubsub.unsubscribe(*(keys.cancel_channel(sid) for sid in leave))
+                        self._cancel_subscribed.difference_update(leave)
+                except (RedisError, OSError) as exc:
+                    log.warning("cancel subscriptions failed (%s); the listener will resubscribe", exc)
 
     # -- fetching --------------------------------------------------------------------------------
 
@@ -310,6 +363,11 @@ class Hub:
                 continue
             for sid, batch in fetched.items():
                 self._deliver(sid, cursors[sid], batch)
+            if missed := cursors.keys() - fetched.keys():  # on a cluster: their master is failing over
+                self._metrics.redis_errors.labels("reader").inc()
+                self._dirty.update(missed)
+                await asyncio.sleep(0.2)
+                self._fetch_wake.set()
 
     def _deliver(self, session_id: str, read_from: str, batch: list[Event]) -> None:
         topic = self._topics.get(session_id)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 PREFIX = "chatbot"
 
-# Control channel: cancel requests, broadcast to every instance.
+# Control channel on a single Redis: cancel requests, broadcast to every instance.
+# On a cluster each session has its own (cancel_channel), so a notice reaches one shard only.
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 
 
@@ -32,6 +33,11 @@ def notify_channel(session_id: str) -> str:
     return f"{PREFIX}:{{{session_id}}}:grew"
 
 
+def cancel_channel(session_id: str) -> str:
+    """Cluster mode: sharded pub/sub notice to the instance generating the session that a cancel was asked."""
+    return f"{PREFIX}:{{{session_id}}}:cancel"
+
+
 def conversation(conversation_id: str) -> str:
     """Hash of a conversation's bookkeeping (its history lives beside it)."""
     return f"{PREFIX}:conv:{{{conversation_id}}}"
@@ -48,5 +54,5 @@ def rate(address: str) -> str:
 
 
 def session_id_from_channel(channel: str) -> str:
-    """Inverse of notify_channel."""
+    """Inverse of notify_channel and cancel_channel."""
     return channel[channel.index("{") + 1 : channel.index("}")]

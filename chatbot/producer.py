@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from . import events, history
 from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError
-from .store import AppendResult, Store
+from .store import AppendResult, Store, transient
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class _Ended(Exception):
 
 # How long an answer waits out a Redis outage (a restart, a failover) before it is abandoned.
 OUTAGE_SECONDS = 30.0
+# The pause before an entry that failed alone (its cluster master failing over) is sent again.
+RETRY_SECONDS = 0.1
 
 
 class _Writer:
@@ -75,6 +77,11 @@ class _Writer:
 
     def landed(self, text: str, pieces: int, result: AppendResult | Exception) -> None:
         """The batcher's answer for this writer's entry."""
+        if isinstance(result, Exception) and transient(result):
+            # Only this entry failed (on a cluster, its master is failing over): try it again shortly.
+            if self.bounced(text, pieces, result):
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._batcher.schedule, self)
+            return
         if isinstance(result, Exception) or result.ended:
             self._fail(result if isinstance(result, Exception) else _Ended())
             return
@@ -215,6 +222,9 @@ class Producers:
         self._cancels: dict[str, asyncio.Event] = {}
         self._lease_task: asyncio.Task[None] | None = None
         self._batcher = _Batcher(store, metrics)
+        # Told (session id, True) when an answer starts here and (id, False) when it ends: the hub's
+        # follow_cancel, so that on a cluster this process hears that session's own cancel notices.
+        self.on_generating: Callable[[str, bool], None] = lambda session_id, generating: None
 
     async def start(self) -> None:
         self._batcher.start()
@@ -241,6 +251,7 @@ class Producers:
             self._generate(session_id, messages, cancel, conversation_id, sources), name=f"generate-{session_id}"
         )
         self._tasks[session_id] = task
+        self.on_generating(session_id, True)
         task.add_done_callback(lambda _: self._forget(session_id))
 
     async def drain(self, grace_seconds: float) -> None:
@@ -254,6 +265,7 @@ class Producers:
     def _forget(self, session_id: str) -> None:
         self._tasks.pop(session_id, None)
         self._cancels.pop(session_id, None)
+        self.on_generating(session_id, False)
 
     def cancel(self, session_id: str) -> None:
         """Stop a local generation because a user asked (from any instance)."""

@@ -11,6 +11,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 PROVIDERS = ("demo", "openai", "anthropic")
+CLUSTER_MODES = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -46,6 +47,12 @@ def _positive_float(raw: str) -> float:
 
 def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _cluster_mode(raw: str) -> str:
+    if raw not in CLUSTER_MODES:
         raise ValueError(raw)
     return raw
 
@@ -105,6 +112,7 @@ class Settings:
     port: int = 8080
     redis_url: str | None = None
     redis_pool_size: int = 3
+    redis_cluster: str = "auto"
     provider: str = "demo"
     demo_tokens_per_second: float = 20.0
     demo_answer_tokens: int = 120
@@ -147,6 +155,7 @@ class Settings:
             redis_pool_size=_parse(
                 env, "CHATBOT_REDIS_POOL_SIZE", d.redis_pool_size, _int_in(2, 1000), "an integer 2-1000"
             ),
+            redis_cluster=_parse(env, "CHATBOT_REDIS_CLUSTER", d.redis_cluster, _cluster_mode, "auto, on or off"),
             provider=provider,
             demo_tokens_per_second=_parse(
                 env, "CHATBOT_DEMO_TOKENS_PER_SECOND", d.demo_tokens_per_second, _positive_float, "a number > 0"

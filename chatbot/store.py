@@ -1,24 +1,44 @@
 """The event-stream store: the only module that issues Redis commands.
 
 Every state change of a session is one Lua script over keys that share the
-session's hash tag, so it is atomic and runs unchanged on Redis Cluster.
+session's hash tag, so it is atomic and runs unchanged on Redis Cluster. On a
+cluster, batched commands go as one pipeline per master, and notices use
+sharded pub/sub (`ShardedNotices`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import functools
+import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import fakeredis
 import redis.asyncio as aioredis
 from fakeredis.aioredis import FakeAsyncRedisConnection
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MaxConnectionsError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import events, history, keys
@@ -33,13 +53,32 @@ TERMINAL_STATUSES = frozenset({"done", "cancelled", "failed"})
 # Seconds a request waits for a free pooled connection before the store counts as unavailable.
 POOL_WAIT_SECONDS = 5.0
 
-# KEYS: stream, meta, lease.  ARGV: event, data, maxlen, terminal status or "", ttl, channel.
+# KEYS: stream, meta, lease.  ARGV: event, data, maxlen, terminal status or "", ttl, channel, expected last id.
 # Appends unless the session is gone or already ended; returns {"ok", id, cancel flag}.
+# With an expected last id (cluster mode: the id of this producer's previous entry), a stream whose last entry
+# differs lost its tail in a failover: the session ends with a retryable error placed after every id a reader
+# may hold (at least the expected id + 1 ms, and not before the server's clock), and the reply is {"lost"}.
 _APPEND = """
 local state = redis.call('HMGET', KEYS[2], 'status', 'cancel')
 local status = state[1]
 if not status then return {'gone'} end
 if status == 'done' or status == 'cancelled' or status == 'failed' then return {'ended'} end
+if ARGV[7] ~= '' then
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if not top[1] or top[1][1] ~= ARGV[7] then
+    local now = redis.call('TIME')
+    local after = tonumber(string.match(ARGV[7], '^(%d+)')) + 1
+    local at = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), after)
+    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], string.format('%.0f-0', at), 'e', 'error',
+      'd', [==[LOST_TAIL_ERROR]==])
+    redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+    redis.call('EXPIRE', KEYS[2], ARGV[5])
+    redis.call('DEL', KEYS[3])
+    redis.call('PUBLISH', ARGV[6], id)
+    return {'lost', id}
+  end
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2])
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[2], 'status', ARGV[4], 'terminal_id', id)
@@ -51,7 +90,12 @@ elseif status == 'queued' then
 end
 redis.call('PUBLISH', ARGV[6], id)
 return {'ok', id, state[2] or ''}
-"""
+""".replace(
+    "LOST_TAIL_ERROR",
+    events.error_data(
+        "store_data_lost", "The store lost the end of this answer in a failover; ask again.", retryable=True
+    ),
+)
 
 # KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
 # Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back,
@@ -70,6 +114,7 @@ return id
 """
 
 # KEYS: stream, meta, lease.  ARGV: done data, maxlen, ttl, channel, cancel channel, session id.
+# The cancel channel is the global one on a single Redis, the session's own on a cluster.
 # Flags the cancel for whichever instance generates; if none holds the lease, ends it here.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -136,6 +181,23 @@ class StoreUnavailable(Exception):
     """Redis could not be reached in time."""
 
 
+# Failures that the same command may not meet again soon: a lost connection, or a cluster whose topology is
+# changing (a master failing over, a slot moving). The caller retries; nothing about the data is wrong.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    AskError,  # MovedError too
+    ReadOnlyError,
+)
+
+
+def transient(exc: BaseException) -> bool:
+    """True for a Redis failure that a retry a moment later may not meet (see TRANSIENT_ERRORS)."""
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionMeta:
     id: str
@@ -182,83 +244,226 @@ def open_redis(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def open_cluster(url: str, pool_size: int) -> RedisCluster:
+    """redis-py's cluster client: a pool of at most `pool_size` connections per node.
+
+    It retries nothing itself (its pipeline retry closes every connection of the client, including those
+    other tasks are using); the store's callers retry, and the store refreshes the slot map on failures.
+    """
+    return RedisCluster.from_url(
+        url,
+        max_connections=pool_size,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+        require_full_coverage=False,  # while a master fails over, its slots are briefly uncovered
+        retry=Retry(NoBackoff(), retries=0),
+    )
+
+
+async def open_store(settings: Settings, *, owner: str) -> Store:
+    """The store CHATBOT_REDIS_URL and CHATBOT_REDIS_CLUSTER describe; says in the log which one it is.
+
+    Raises StoreUnavailable if, with CHATBOT_REDIS_CLUSTER=auto, Redis cannot be asked within
+    DETECT_SECONDS whether it is a cluster.
+    """
+    url = settings.redis_url
+    if url is None:
+        log.warning("CHATBOT_REDIS_URL is not set: using the embedded in-process store (one instance only)")
+        return Store(open_redis(settings), settings, owner=owner)
+    cluster = settings.redis_cluster == "on" or (settings.redis_cluster == "auto" and await _cluster_enabled(url))
+    if not cluster:
+        log.info("using Redis at %s: single node, pool of %d connections", url, settings.redis_pool_size)
+        return Store(open_redis(settings), settings, owner=owner)
+    client = open_cluster(url, settings.redis_pool_size)
+    try:
+        await client.initialize()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        await client.aclose()
+        raise StoreUnavailable(f"cannot read the topology of the Redis Cluster at {url}: {exc}") from exc
+    log.info(
+        "using Redis Cluster at %s: %d masters, pool of %d connections per node",
+        url,
+        len(client.get_primaries()),
+        settings.redis_pool_size,
+    )
+    return Store(client, settings, owner=owner)
+
+
+# How long start-up keeps asking an unreachable Redis whether it is a cluster (CHATBOT_REDIS_CLUSTER=auto).
+DETECT_SECONDS = 30.0
+
+
+async def _cluster_enabled(url: str) -> bool:
+    """`cluster_enabled` from INFO cluster, asked of the node the URL names."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0, decode_responses=True)
+    give_up = time.monotonic() + DETECT_SECONDS
+    try:
+        while True:
+            try:
+                info: dict[str, Any] = await client.info("cluster")
+                return bool(int(info.get("cluster_enabled", 0)))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() >= give_up:
+                    raise StoreUnavailable(
+                        f"Redis at {url} did not answer whether it is a cluster ({exc}); "
+                        "set CHATBOT_REDIS_CLUSTER=on or off to start without asking"
+                    ) from exc
+                log.warning("Redis at %s is not reachable yet (%s); asking again", url, exc)
+                await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+
+
 def _entry(raw: tuple[str, Mapping[str, str]]) -> events.Event:
     entry_id, fields = raw
     return events.Event(entry_id, fields["e"], fields["d"])
 
 
-class Store:
-    """Sessions, their event streams, leases and cancel flags in Redis."""
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings, *, owner: str) -> None:
+
+def _gated(
+    method: Callable[Concatenate[Store, P], Awaitable[R]],
+) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
+    """On a cluster: wait for one of the process's pool-size slots, and report cluster failures as RedisError.
+
+    redis-py's cluster client has no blocking pool (a burst beyond its per-node pool fails at once), so
+    the store admits at most CHATBOT_REDIS_POOL_SIZE calls at a time; each uses at most one connection per
+    node, which keeps every node's connections within the pool size.
+    """
+
+    @functools.wraps(method)
+    async def run(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._slots is None:
+            return await method(self, *args, **kwargs)
+        give_up = time.monotonic() + POOL_WAIT_SECONDS
+        try:
+            async with asyncio.timeout(POOL_WAIT_SECONDS):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(f"no free Redis connection within {POOL_WAIT_SECONDS:.0f} s") from None
+        try:
+            while True:
+                try:
+                    return await method(self, *args, **kwargs)
+                except MaxConnectionsError:
+                    # A connection of the node's pool is still being closed after an error: nothing was sent.
+                    if time.monotonic() >= give_up:
+                        raise
+                    await asyncio.sleep(0.02)
+        except RedisClusterException as exc:  # not a RedisError: e.g. a slot no master covers mid-failover
+            raise ClusterError(str(exc)) from exc
+        finally:
+            self._slots.release()
+
+    return run
+
+
+class Store:
+    """Sessions, their event streams, leases and cancel flags in Redis: one node, or a cluster."""
+
+    def __init__(self, redis: aioredis.Redis | RedisCluster, settings: Settings, *, owner: str) -> None:
         self.redis = redis
+        self.cluster = isinstance(redis, RedisCluster)
+        self._url = settings.redis_url or ""
         self._ttl = settings.session_ttl_seconds
         self._lease_ms = max(1, int(settings.lease_ttl_seconds * 1000))
         # The producer ends an answer before this many events; MAXLEN only guards against a runaway.
         self._maxlen = settings.max_answer_events + 16
         self._owner = owner
-        self._append = redis.register_script(_APPEND)
-        self._fail_orphan = redis.register_script(_FAIL_ORPHAN)
-        self._cancel = redis.register_script(_CANCEL)
-        self._renew = redis.register_script(_RENEW)
-        self._append_turn = redis.register_script(_APPEND_TURN)
+        self._slots = asyncio.Semaphore(settings.redis_pool_size) if self.cluster else None
+        # Cluster: the id of each local producer's last entry, to notice a tail lost in a failover.
+        self._tails: dict[str, str] | None = {} if self.cluster else None
+        self._refreshed_at = 0.0
+        # A classic PUBLISH on a cluster goes to every node; SPUBLISH only to the shard that owns the channel.
+        publish = "'SPUBLISH'" if self.cluster else "'PUBLISH'"
+
+        def script(source: str) -> AsyncScript:
+            return redis.register_script(source.replace("'PUBLISH'", publish))
+
+        self._append = script(_APPEND)
+        self._fail_orphan = script(_FAIL_ORPHAN)
+        self._cancel = script(_CANCEL)
+        self._renew = script(_RENEW)
+        self._append_turn = script(_APPEND_TURN)
         self._history_ttl = settings.history_ttl_seconds
         self._history_turns = settings.history_max_turns
         self._history_chars = settings.history_max_chars
-        self._rate = redis.register_script(_RATE)
+        self._rate = script(_RATE)
 
+    # -- notices ----------------------------------------------------------------------------------
+
+    @property
+    def control_channels(self) -> tuple[str, ...]:
+        """Channels every hub listens to: the global cancel channel on one Redis, none on a cluster."""
+        return () if self.cluster else (keys.CANCEL_CHANNEL,)
+
+    def notices(self) -> Any:
+        """A new pub/sub for hints, shaped like redis-py's PubSub (subscribe, unsubscribe, get_message, aclose).
+
+        On a cluster it is a ShardedNotices: SSUBSCRIBE on the master that owns each channel's slot.
+        """
+        if isinstance(self.redis, RedisCluster):
+            return ShardedNotices(self.redis, self._url)
+        return self.redis.pubsub()
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    @_gated
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    @_gated
     async def create_session(self, session_id: str, conversation_id: str, message: str) -> None:
         """Store a new queued session, its conversation and its producer's first lease, in one round trip.
 
         The lease goes first: no reader can see the session without it, so no sweep can call it orphaned.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.lease(session_id), self._owner, px=self._lease_ms)
-            pipe.hset(
-                keys.meta(session_id),
-                mapping={
-                    "conversation_id": conversation_id,
-                    "message": message,
-                    "status": "queued",
-                    "created": f"{time.time():.3f}",
-                },
-            )
-            pipe.expire(keys.meta(session_id), self._ttl)
-            pipe.hset(keys.conversation(conversation_id), "last_session", session_id)
-            pipe.expire(keys.conversation(conversation_id), self._ttl)
-            await pipe.execute()
+        meta, conversation = keys.meta(session_id), keys.conversation(conversation_id)
+        fields = {"conversation_id": conversation_id, "message": message, "status": "queued"}
+        fields["created"] = f"{time.time():.3f}"
+        commands: list[tuple[Any, ...]] = [
+            ("SET", keys.lease(session_id), self._owner, "PX", self._lease_ms),
+            ("HSET", meta, *itertools.chain.from_iterable(fields.items())),
+            ("EXPIRE", meta, self._ttl),
+            ("HSET", conversation, "last_session", session_id),
+            ("EXPIRE", conversation, self._ttl),
+        ]
+        _raise_first(await self._rounds(commands, [command[1] for command in commands]))
 
+    @_gated
     async def count_hit(self, address: str, window_seconds: int) -> tuple[int, float]:
         """Count one hit for `address` in the current window: (hits so far, seconds until it resets)."""
         count, ttl_ms = await self._rate(keys=[keys.rate(address)], args=[window_seconds * 1000])
         return int(count), int(ttl_ms) / 1000
 
+    @_gated
     async def conversation_exists(self, conversation_id: str) -> bool:
         """True while its last session or its history lives (they share a hash tag, so one EXISTS)."""
         return bool(await self.redis.exists(keys.conversation(conversation_id), keys.history(conversation_id)))
 
+    @_gated
     async def history(self, conversation_id: str) -> list[Turn]:
         """The conversation's kept turns, oldest first."""
         raw: list[str] = await self.redis.lrange(keys.history(conversation_id), 0, -1)  # type: ignore[assignment]
         return [history.decode(item) for item in raw]
 
+    @_gated
     async def append_turn(self, conversation_id: str, turn: Turn) -> int:
         """Add a turn, dropping the oldest beyond the turn and character caps; how many turns remain."""
         if self._history_turns == 0 or turn.chars > self._history_chars:
-            return await self._drop_history(conversation_id)
+            await self.redis.delete(keys.history(conversation_id))
+            return 0
         kept: int = await self._append_turn(
             keys=[keys.history(conversation_id)],
             args=[history.encode(turn), self._history_turns, self._history_chars, self._history_ttl],
         )
         return kept
 
-    async def _drop_history(self, conversation_id: str) -> int:
-        await self.redis.delete(keys.history(conversation_id))
-        return 0
-
+    @_gated
     async def session(self, session_id: str) -> SessionMeta | None:
         raw: dict[str, str] = await self.redis.hgetall(keys.meta(session_id))  # type: ignore[assignment]
         if "status" not in raw:
@@ -271,69 +476,94 @@ class Store:
             terminal_id=raw.get("terminal_id"),
         )
 
+    # -- the producer's writes --------------------------------------------------------------------
+
+    @_gated
     async def append(self, session_id: str, event: str, data: str, *, terminal_status: str = "") -> AppendResult:
         """Append one event; a terminal status also ends the session and starts its expiry."""
         reply: list[str] = await self._append(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
-            args=[event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id)],
-        )
-        return _append_result(reply)
+            args=[
+                event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id),
+                self._expected_tail(session_id),
+            ],
+        )  # fmt: skip
+        result = self._appended(session_id, reply)
+        if terminal_status and self._tails is not None:
+            self._tails.pop(session_id, None)
+        return result
 
+    @_gated
     async def append_many(self, items: Sequence[tuple[str, str, str]]) -> list[AppendResult | Exception]:
-        """Append (session, event, data) items, none terminal, in one round trip; a result or error each.
+        """Append (session, event, data) items, none terminal, in one round trip per node; a result or error each.
 
-        EVALSHA goes into the pipeline directly: a pipeline given Script objects checks them with an
-        extra SCRIPT EXISTS round trip on every execute. A NOSCRIPT (Redis restarted) loads it and retries.
+        On a cluster an item whose master failed gives that error (see `transient`) and the others stand.
         """
-        replies = await self._append_pipeline(items)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            await self.redis.script_load(_APPEND)
-            retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            for i, reply in zip(retry, await self._append_pipeline([items[i] for i in retry]), strict=True):
-                replies[i] = reply
-        return [r if isinstance(r, Exception) else _append_result(r) for r in replies]
+        commands = [
+            ("EVALSHA", self._append.sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
+             event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), self._expected_tail(sid))
+            for sid, event, data in items
+        ]  # fmt: skip
+        replies = await self._eval_rounds(self._append, commands)
+        return [
+            reply if isinstance(reply, Exception) else self._appended(sid, reply)
+            for (sid, _, _), reply in zip(items, replies, strict=True)
+        ]
 
-    async def _append_pipeline(self, items: Sequence[tuple[str, str, str]]) -> list[Any]:
-        sha = self._append.sha
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid, event, data in items:
-                pipe.evalsha(
-                    sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
-                    event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid),
-                )  # fmt: skip
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+    def _expected_tail(self, session_id: str) -> str:
+        return "" if self._tails is None else self._tails.get(session_id, "")
 
+    def _appended(self, session_id: str, reply: list[str]) -> AppendResult:
+        result = _append_result(reply)
+        if self._tails is not None:
+            if result.id is None:
+                self._tails.pop(session_id, None)
+                if reply[0] == "lost":
+                    log.warning("session %s: its stream lost entries in a failover; ended with an error", session_id)
+            else:
+                self._tails[session_id] = result.id
+        return result
+
+    @_gated
     async def request_cancel(self, session_id: str, done_data: str) -> str:
         """'unknown', 'ended', 'requested' (a live producer will stop) or 'cancelled' (ended here)."""
+        channel = keys.cancel_channel(session_id) if self.cluster else keys.CANCEL_CHANNEL
         result: str = await self._cancel(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
-            args=[done_data, self._maxlen, self._ttl, keys.notify_channel(session_id), keys.CANCEL_CHANNEL, session_id],
+            args=[done_data, self._maxlen, self._ttl, keys.notify_channel(session_id), channel, session_id],
         )
         return result
 
     async def renew_leases(self, session_ids: Sequence[str]) -> dict[str, str | None]:
         """Renew the leases of this process's producers: id → cancel flag, or None if it ended."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                await self._renew(
-                    keys=[keys.stream(sid), keys.meta(sid), keys.lease(sid)],
-                    args=[self._owner, self._lease_ms, self._ttl],
-                    client=pipe,
-                )
-            replies: list[Any] = await pipe.execute()
+        if self._tails is not None:
+            live = set(session_ids)  # forget the tails of answers that ended without a terminal append
+            for sid in [sid for sid in self._tails if sid not in live]:
+                del self._tails[sid]
+        return await self._renew_many(session_ids)
+
+    @_gated
+    async def _renew_many(self, session_ids: Sequence[str]) -> dict[str, str | None]:
+        commands = [
+            ("EVALSHA", self._renew.sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
+             self._owner, self._lease_ms, self._ttl)
+            for sid in session_ids
+        ]  # fmt: skip
+        replies = _raise_first(await self._eval_rounds(self._renew, commands))
         return {
             sid: (reply if isinstance(reply, str) else None) for sid, reply in zip(session_ids, replies, strict=True)
         }
 
+    # -- readers ----------------------------------------------------------------------------------
+
+    @_gated
     async def missing_leases(self, session_ids: Sequence[str]) -> list[str]:
         """The sessions among these whose producer no longer holds a lease."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.exists(keys.lease(sid))
-            replies: list[int] = await pipe.execute()
+        commands = [("EXISTS", keys.lease(sid)) for sid in session_ids]
+        replies = _raise_first(await self._rounds(commands, [command[1] for command in commands]))
         return [sid for sid, alive in zip(session_ids, replies, strict=True) if not alive]
 
+    @_gated
     async def fail_orphan(self, session_id: str, error_data: str) -> str | None:
         """End a session whose producer died with a terminal error: its id, None, or 'gone'."""
         result: str | None = await self._fail_orphan(
@@ -342,6 +572,7 @@ class Store:
         )
         return result
 
+    @_gated
     async def read_from(self, session_id: str, start: str, *, count: int | None = None) -> list[events.Event]:
         """Events with id >= start (`-` for all); inclusive, so a resume can prove its id exists."""
         raw: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
@@ -349,14 +580,25 @@ class Store:
         )
         return [_entry(item) for item in raw]
 
+    @_gated
     async def read_after_many(self, cursors: Mapping[str, str], *, count: int) -> dict[str, list[events.Event]]:
-        """For each session, up to `count` events after its cursor, in one round trip."""
+        """For each session, up to `count` events after its cursor, in one round trip per node.
+
+        On a cluster, sessions whose master failed (see `transient`) are left out while the others are
+        answered; the caller asks again for those. If every read failed, the first error is raised.
+        """
         sids = list(cursors)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in sids:
-                pipe.xrange(keys.stream(sid), min=_exclusive(cursors[sid]), max="+", count=count)
-            replies: list[Any] = await pipe.execute()
-        return {sid: [_entry(item) for item in raw] for sid, raw in zip(sids, replies, strict=True)}
+        commands = [("XRANGE", keys.stream(sid), _exclusive(cursors[sid]), "+", "COUNT", count) for sid in sids]
+        replies = await self._rounds(commands, [command[1] for command in commands])
+        if all(isinstance(reply, Exception) for reply in replies) or any(
+            isinstance(reply, Exception) and not transient(reply) for reply in replies
+        ):
+            _raise_first(replies)
+        return {
+            sid: [_entry(item) for item in raw]
+            for sid, raw in zip(sids, replies, strict=True)
+            if not isinstance(raw, Exception)
+        }
 
     async def text(self, session_id: str) -> str:
         """The answer so far: every token event's text, in order."""
@@ -373,7 +615,109 @@ class Store:
         return []
 
     async def close(self) -> None:
-        await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.aclose()
+        else:
+            await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
+
+    # -- batched commands -------------------------------------------------------------------------
+
+    async def _eval_rounds(self, script: AsyncScript, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA commands (first key at index 3) in rounds; a NOSCRIPT (a restarted or promoted node) loads
+        the script and retries those commands.
+
+        EVALSHA goes into the pipeline directly: a pipeline given Script objects checks them with an
+        extra SCRIPT EXISTS round trip on every execute.
+        """
+        route = [command[3] for command in commands]
+        replies = await self._rounds(commands, route)
+        retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if retry:
+            if isinstance(self.redis, RedisCluster):
+                await self.redis.execute_command("SCRIPT LOAD", script.script, target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self.redis.script_load(script.script)
+            again = await self._rounds([commands[i] for i in retry], [route[i] for i in retry])
+            for i, reply in zip(retry, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _rounds(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
+        """Pipelined commands, each routed by the key in `route`: a reply or an error each.
+
+        One Redis: one pipeline, and a lost connection raises. A cluster: one pipeline per master, all
+        at once; a master that fails gives each of its commands that error while the others' replies stand,
+        and the slot map is refreshed. A MOVED or ASK reply is followed by redis-py.
+        """
+        if not isinstance(self.redis, RedisCluster):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute(raise_on_error=False))
+        replies: list[Any] = [None] * len(commands)
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(route):
+            try:
+                groups.setdefault(_master(self.redis, key).name, []).append(i)
+            except (RedisError, RedisClusterException) as exc:
+                replies[i] = exc if isinstance(exc, RedisError) else ClusterError(str(exc))
+        outcomes = await asyncio.gather(
+            *(self._node_round([commands[i] for i in group]) for group in groups.values()), return_exceptions=True
+        )
+        for group, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            if isinstance(outcome, RedisClusterException):
+                outcome = ClusterError(str(outcome))
+            for n, i in enumerate(group):
+                replies[i] = outcome if isinstance(outcome, Exception) else outcome[n]
+        if any(isinstance(reply, Exception) and transient(reply) for reply in replies):
+            await self._refresh_topology()
+        return replies
+
+    async def _node_round(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        assert isinstance(self.redis, RedisCluster)
+        give_up = time.monotonic() + POOL_WAIT_SECONDS
+        while True:
+            try:
+                async with self.redis.pipeline() as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    return list(await pipe.execute(raise_on_error=False))
+            except MaxConnectionsError:
+                # A connection of the node's pool is still being closed after an error: nothing was sent.
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(0.005)
+
+    async def _refresh_topology(self) -> None:
+        """Re-read the slot map (at most every REFRESH_SECONDS): a master failed over or a slot moved."""
+        now = time.monotonic()
+        if now - self._refreshed_at < REFRESH_SECONDS or not isinstance(self.redis, RedisCluster):
+            return
+        self._refreshed_at = now
+        try:
+            await self.redis.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            log.warning("reading the cluster's slot map failed (%s); trying again on the next failure", exc)
+
+
+REFRESH_SECONDS = 0.2
+
+
+def _master(cluster: RedisCluster, key: str) -> ClusterNode:
+    """The master that serves `key`'s slot in the client's slot map."""
+    node = cluster.get_node_from_key(key)
+    if node is None:
+        raise ClusterError(f"no master serves the slot of {key}")
+    return node
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _append_result(reply: list[str]) -> AppendResult:
@@ -388,3 +732,147 @@ def _exclusive(event_id: str) -> str:
 
 def channels(session_ids: Iterable[str]) -> list[str]:
     return [keys.notify_channel(sid) for sid in session_ids]
+
+
+class ShardedNotices:
+    """Sharded pub/sub on a cluster, shaped like redis-py's PubSub for the hub.
+
+    One dedicated connection per master that owns a subscribed channel's slot (SSUBSCRIBE works only on
+    the shard that owns the channel), each read by a task of its own into one inbox. Replies reach the hub
+    as it knows them from a single Redis: `subscribe`, `unsubscribe`, `message`. A lost connection, a
+    channel the server dropped while we still want it (its slot moved: Redis sends SUNSUBSCRIBE), or a
+    channel whose slot the client's map now puts on another master, makes get_message raise; the hub then
+    opens a new ShardedNotices, which reads the slot map afresh, and re-reads every session it serves.
+
+    redis-py's own ClusterPubSub reads its per-node connections one after the other, each with the
+    caller's timeout, so a notice on one master waits out the timeout of another; hence this class.
+    """
+
+    READ_POLL_SECONDS = 1.0
+    CHECK_SECONDS = 2.0
+
+    def __init__(self, cluster: RedisCluster, url: str) -> None:
+        self._cluster = cluster
+        self._url = url
+        self._links: dict[str, tuple[aioredis.Redis, PubSub, asyncio.Task[None]]] = {}
+        self._where: dict[str, str] = {}  # channel → name of the master we subscribed it on
+        self._leaving: collections.Counter[str] = collections.Counter()  # SUNSUBSCRIBEs we sent, unanswered
+        self._inbox: asyncio.Queue[dict[str, Any] | Exception] = asyncio.Queue()
+        self._mapped = False
+        self._checked = time.monotonic()
+        self._closed = False
+
+    @property
+    def masters(self) -> int:
+        """How many masters this holds a connection to."""
+        return len(self._links)
+
+    async def subscribe(self, *channels: str) -> None:
+        try:
+            if not self._mapped:
+                await self._cluster.nodes_manager.initialize()
+                self._mapped = True
+            for channel in channels:
+                node = _master(self._cluster, channel)
+                pubsub = await self._link(node)
+                self._where[channel] = node.name
+                await pubsub.ssubscribe(channel)
+        except RedisClusterException as exc:
+            raise ClusterError(str(exc)) from exc
+
+    async def unsubscribe(self, *channels: str) -> None:
+        for channel in channels:
+            name = self._where.pop(channel, None)
+            if name is not None and name in self._links:
+                self._leaving[channel] += 1
+                await self._links[name][1].sunsubscribe(channel)
+
+    async def get_message(self, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109 (PubSub's signature)
+        """The next reply, or None after `timeout` seconds; raises what broke a connection."""
+        self._check_routes()
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._closed = True
+        links = list(self._links.values())
+        self._links.clear()
+        for _, _, task in links:
+            task.cancel()
+        if links:
+            await asyncio.wait([task for _, _, task in links], timeout=self.READ_POLL_SECONDS * 2)
+        for client, pubsub, _ in links:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    async def _link(self, node: ClusterNode) -> PubSub:
+        if node.name in self._links:
+            return self._links[node.name][1]
+        options: dict[str, Any] = dict(parse_url(self._url))
+        options.update(host=node.host, port=node.port)  # the URL's credentials and TLS, this master's address
+        options.pop("db", None)
+        pool = aioredis.ConnectionPool(
+            **options,
+            max_connections=1,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), retries=0),  # a lost connection is the hub's to handle, not a silent resubscribe
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await client.aclose()
+            raise
+        task = asyncio.create_task(self._read(pubsub), name=f"notices-{node.name}")
+        self._links[node.name] = (client, pubsub, task)
+        return pubsub
+
+    async def _read(self, pubsub: PubSub) -> None:
+        try:
+            while not self._closed:
+                # Bounded waits: redis-py can swallow a cancel that lands mid-read.
+                message = await pubsub.get_message(timeout=self.READ_POLL_SECONDS)
+                if message is not None:
+                    self._take(message)
+        except Exception as exc:  # whatever stops this reader must reach the hub, which then reconnects
+            self._inbox.put_nowait(exc if isinstance(exc, RedisError) else RedisConnectionError(repr(exc)))
+
+    def _take(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"]
+        if kind == "smessage":
+            self._inbox.put_nowait({"type": "message", "channel": channel, "data": message["data"]})
+        elif kind == "ssubscribe":
+            self._inbox.put_nowait({"type": "subscribe", "channel": channel, "data": message["data"]})
+        elif kind == "sunsubscribe":
+            if self._leaving[channel] > 0:
+                self._leaving[channel] -= 1
+                if not self._leaving[channel]:
+                    del self._leaving[channel]
+                self._inbox.put_nowait({"type": "unsubscribe", "channel": channel, "data": message["data"]})
+            elif channel in self._where:
+                self._inbox.put_nowait(ClusterError(f"the slot of {channel} moved to another master"))
+
+    def _check_routes(self) -> None:
+        """Every CHECK_SECONDS: does the client's slot map (kept fresh by MOVED replies) still agree?"""
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_SECONDS:
+            return
+        self._checked = now
+        for channel, name in self._where.items():
+            try:
+                moved = _master(self._cluster, channel).name != name
+            except (RedisError, RedisClusterException):
+                moved = True
+            if moved:
+                self._inbox.put_nowait(ClusterError(f"the slot of {channel} is served by another master now"))
+                return

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
@@ -21,6 +22,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -37,6 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("asyncio_mode", None) is None:
         config.option.asyncio_mode = "auto"
     config.addinivalue_line("markers", "settings(**fields): override Settings fields for the app under test")
+    config.addinivalue_line("markers", "cluster: runs on a Redis Cluster the tests start (select with -m cluster)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,8 +61,9 @@ def free_port() -> int:
 class RedisServer:
     """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
-    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False, extra: list[str] | None = None) -> None:
         self.appendonly = appendonly
+        self.extra = extra or []
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,6 +87,7 @@ class RedisServer:
                 self._dir,
                 "--maxclients",
                 "4000",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -146,25 +153,44 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """One Redis Cluster (three masters, three replicas) for the whole run; tests that break it restore it."""
+    from tests.cluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: Cluster) -> str:
+    """Any node of the shared cluster, every master emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
 def make_settings(store: str, redis_url: str | None, **overrides: object) -> Settings:
     base = dataclasses.replace(Settings(), port=0, **FAST, **UNLIMITED)  # type: ignore[arg-type]
-    if store == "redis":
+    if store in ("redis", "cluster"):
         base = dataclasses.replace(base, redis_url=redis_url)
     else:
         base = dataclasses.replace(base, redis_url=None)
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["redis", "embedded"])
+@pytest.fixture(params=["redis", "embedded", pytest.param("cluster", marks=pytest.mark.cluster)])
 def store(request: pytest.FixtureRequest) -> str:
     name: str = request.param
+    if name == "cluster" and "browser" in request.node.path.parts:
+        pytest.skip("the browser tests run on one Redis; the cluster is tested over HTTP")
     return name
 
 
 @pytest.fixture
 def settings(request: pytest.FixtureRequest, store: str) -> Settings:
     """Settings for the store under test; a test overrides fields with @pytest.mark.settings(...)."""
-    url = request.getfixturevalue("redis_url") if store == "redis" else None
+    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(store)
+    url = request.getfixturevalue(url) if url else None
     marker = request.node.get_closest_marker("settings")
     overrides = dict(marker.kwargs) if marker else {}
     return make_settings(store, url, **overrides)

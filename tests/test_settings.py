@@ -35,6 +35,11 @@ def test_values_from_environment() -> None:
     assert settings.cors_origins == ("https://a.example", "https://b.example")
 
 
+def test_redis_cluster_mode_defaults_to_auto() -> None:
+    assert Settings.from_env({}).redis_cluster == "auto"
+    assert Settings.from_env({"CHATBOT_REDIS_CLUSTER": "on"}).redis_cluster == "on"
+
+
 def test_empty_redis_url_means_embedded() -> None:
     assert Settings.from_env({"CHATBOT_REDIS_URL": ""}).embedded_store
 
@@ -51,6 +56,7 @@ def test_empty_redis_url_means_embedded() -> None:
         ("CHATBOT_DEMO_ANSWER_TOKENS", "-3"),
         ("CHATBOT_SESSION_TTL_SECONDS", "1.5"),
         ("CHATBOT_CORS_ORIGINS", "example.com"),
+        ("CHATBOT_REDIS_CLUSTER", "yes"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
