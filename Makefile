@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-model test lint typecheck bench bench-quick bench-peers-deps clean
+.PHONY: run run-model test lint typecheck bench bench-quick bench-retrieval bench-peers-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,16 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench --quick
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval --quick
+
+# Retrieval quality and time only (tests/data/site, 1,000 pages); a few seconds, no Redis.
+bench-retrieval: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
 # What `make bench` compares the service with, when installed (drivers in ../shared/peers, see bench/peers.py):
 # Debian's nginx + Nchan, and resumable-stream with its Redis client for Node in bench/.peers-node. Root for

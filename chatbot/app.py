@@ -12,8 +12,10 @@ from typing import TypedDict
 from aiohttp import web
 
 from . import health, problems, sessions, sse
-from .appkeys import CAPS, FAULTS, HUB, METRICS, PRODUCERS, SETTINGS, STORE
+from .appkeys import CAPS, FAULTS, HUB, KNOWLEDGE, METRICS, PRODUCERS, SETTINGS, STORE
 from .hub import Hub
+from .knowledge.index import BadIndex
+from .knowledge.retriever import Knowledge
 from .limits import StreamCaps
 from .metrics import Metrics
 from .producer import Producers
@@ -78,6 +80,8 @@ def create_app(
 
     app[METRICS] = Metrics()
     app[CAPS] = StreamCaps(settings, app[METRICS])
+    app[KNOWLEDGE] = open_knowledge(settings)
+    app.on_cleanup.append(_close_knowledge)
     app.cleanup_ctx.append(_resources(provider or make_provider(settings), fatal))
     app.on_shutdown.append(_drain)
     app.router.add_post("/sessions", sessions.create)
@@ -90,6 +94,21 @@ def create_app(
     app.router.add_get("/metrics", health.metrics)
     setup_web(app, settings)  # last: CORS covers the routes that exist now
     return app
+
+
+def open_knowledge(settings: Settings) -> Knowledge | None:
+    """The index CHATBOT_KNOWLEDGE names, open; None without the setting; SettingsError if it cannot be read."""
+    if not settings.knowledge:
+        return None
+    try:
+        return Knowledge(settings.knowledge, max_chars=settings.knowledge_max_chars)
+    except BadIndex as exc:
+        raise SettingsError(f"CHATBOT_KNOWLEDGE {settings.knowledge!r} cannot be read as an index: {exc}") from None
+
+
+async def _close_knowledge(app: web.Application) -> None:
+    if (knowledge := app[KNOWLEDGE]) is not None:
+        knowledge.close()
 
 
 def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .hub import Hub
+from .knowledge.retriever import Knowledge
 from .limits import StreamCaps
 from .metrics import Metrics
 from .producer import Producers
@@ -19,3 +20,4 @@ METRICS = web.AppKey("metrics", Metrics)
 CAPS = web.AppKey("caps", StreamCaps)
 # Names of shared tasks that ended unexpectedly: /readyz answers 503, `chatbot serve` exits non-zero.
 FAULTS = web.AppKey("faults", list[str])
+KNOWLEDGE: web.AppKey[Knowledge | None] = web.AppKey("knowledge")

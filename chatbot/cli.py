@@ -7,7 +7,9 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
@@ -15,6 +17,7 @@ from pythonjsonlogger.json import JsonFormatter
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("chatbot")
+T = TypeVar("T", int, float)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +26,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP server (settings from CHATBOT_* variables)")
     serve.add_argument("--host", help="overrides CHATBOT_HOST")
     serve.add_argument("--port", type=int, help="overrides CHATBOT_PORT")
+    index = commands.add_parser(
+        "index",
+        help="build the search index of the site's content that CHATBOT_KNOWLEDGE names",
+        description="Read folders (Markdown, HTML, text) and http(s) sitemaps or RSS/Atom feeds; write one index "
+        "file, replacing the old one atomically; print what was indexed and what was skipped and why.",
+    )
+    index.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder, or the URL of a sitemap or a feed")
+    index.add_argument("--out", type=Path, default=Path("knowledge.sqlite3"), help="the index file (knowledge.sqlite3)")
+    index.add_argument("--base-url", help="the site's URL, for files whose front matter gives no url/permalink")
+    index.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per web request (10)")
+    index.add_argument("--concurrency", type=_positive(int), default=4, help="web requests at once (4)")
+    index.add_argument(
+        "--max-pages", type=_positive(int), default=10_000, help="pages read per sitemap or feed (10000)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "index":
+        return _index(args)
 
     try:
         settings = Settings.from_env()
@@ -52,6 +71,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("stopped because shared tasks ended unexpectedly: %s", ", ".join(faults))
         return 3
     return 0
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {raw}")
+        return value
+
+    return parse
+
+
+def _index(args: argparse.Namespace) -> int:
+    import asyncio
+    import sqlite3
+
+    from .knowledge import indexer
+
+    if args.base_url is not None and not args.base_url.startswith(("http://", "https://")):
+        print(f"chatbot index: --base-url must be an http(s) URL, got {args.base_url!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("usp").setLevel(logging.CRITICAL)  # it logs every document that is not a sitemap
+    logging.getLogger("trafilatura").setLevel(logging.ERROR)
+    options = indexer.Options(
+        out=args.out,
+        base_url=args.base_url,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_pages=args.max_pages,
+    )
+    try:
+        report = asyncio.run(indexer.run(args.sources, options))
+    except (OSError, sqlite3.Error) as exc:  # the index file could not be written
+        print(f"chatbot index: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    print(indexer.summary(report, args.out))
+    return 0 if report.documents else 1
 
 
 def _configure_logging(log_format: str) -> None:

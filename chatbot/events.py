@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 TOKEN = "token"
 REASONING = "reasoning"  # the model's thinking: stored and resumable like tokens, never answer text
+SOURCES = "sources"  # at most once per answer, before its first token
 DONE = "done"
 ERROR = "error"
 TERMINAL = frozenset({DONE, ERROR})
@@ -56,6 +58,11 @@ def token_data(text: str) -> str:
 
 def reasoning_data(text: str) -> str:
     return _dumps({"text": text})
+
+
+def sources_data(sources: Sequence[Mapping[str, str]]) -> str:
+    """`{"sources": [{"title", "url"}, ...]}`: the pages an answer's passages came from, best first."""
+    return _dumps({"sources": [{"title": s["title"], "url": s["url"]} for s in sources]})
 
 
 def done_data(finish_reason: str, usage: dict[str, int] | None = None) -> str:

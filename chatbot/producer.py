@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from redis.exceptions import RedisError
 
@@ -63,6 +63,7 @@ class _Writer:
         self._idle.set()
         self._outage_since: float | None = None
         self._started = time.monotonic()
+        self._output_seen = False  # for time to first token
         self.error: BaseException | None = None
         self.entries = 0
         self.stored: list[str] = []  # the answer text appended so far, for the conversation's history
@@ -123,11 +124,12 @@ class _Writer:
             self.entries += 1
             if event == events.TOKEN:
                 self.stored.append(text)
+            if not self._output_seen:  # the first token or reasoning, not an earlier `sources` entry
+                self._output_seen = True
+                self._metrics.ttft.observe(time.monotonic() - self._started)
             if result.cancel_requested:
                 self._on_cancel.set()
         self._outage_since = None
-        if self.entries and self.entries == len(entries):
-            self._metrics.ttft.observe(time.monotonic() - self._started)
         self._metrics.tokens_relayed.inc(pieces)
         if self._pending or self._runs:
             self._batcher.schedule(self)
@@ -163,6 +165,13 @@ class _Writer:
         await self._idle.wait()
         if self.error is not None:
             raise self.error
+
+    async def put(self, event: str, data: str) -> None:
+        """Append one non-token event ahead of any text (the answer's `sources`)."""
+        result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data))
+        if result.ended:
+            raise _Ended
+        self.entries += 1
 
     async def finish(self, event: str, data: str, status: str) -> None:
         """Append the terminal event once the entries before it are settled; _Ended if the session ended."""
@@ -351,11 +360,21 @@ class Producers:
     def active(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, session_id: str, messages: Sequence[Message], *, conversation_id: str | None = None) -> None:
-        """Start generating; with a conversation id, the turn joins that conversation's history when it ends."""
+    def spawn(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        *,
+        conversation_id: str | None = None,
+        sources: Sequence[Mapping[str, str]] = (),
+    ) -> None:
+        """Start generating; with a conversation id, the turn joins that conversation's history when it ends.
+
+        `sources` ({"title", "url"} each), if any, are the answer's first event.
+        """
         cancel = self._cancels[session_id] = asyncio.Event()
         task = asyncio.create_task(
-            self._generate(session_id, messages, cancel, conversation_id), name=f"generate-{session_id}"
+            self._generate(session_id, messages, cancel, conversation_id, sources), name=f"generate-{session_id}"
         )
         self._tasks[session_id] = task
         self.on_generating(session_id, True)
@@ -392,12 +411,19 @@ class Producers:
         await self._batcher.close()  # last: the cancelled answers' final writes go through it
 
     async def _generate(
-        self, session_id: str, messages: Sequence[Message], cancel: asyncio.Event, conversation_id: str | None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        cancel: asyncio.Event,
+        conversation_id: str | None,
+        sources: Sequence[Mapping[str, str]],
     ) -> None:
         writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics)
         turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
+            if sources:
+                await writer.put(events.SOURCES, events.sources_data(sources))
             finish = await self._relay(messages, writer, cancel)
             await writer.drain()
             if finish.finish_reason in ("stop", "length") and not "".join(writer.stored).strip():

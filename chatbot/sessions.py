@@ -9,7 +9,8 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from . import events, history, ids
-from .appkeys import METRICS, PRODUCERS, SETTINGS, STORE
+from .appkeys import KNOWLEDGE, METRICS, PRODUCERS, SETTINGS, STORE
+from .knowledge.retriever import Retrieval
 from .limits import client_address
 from .problems import Problem
 
@@ -87,16 +88,28 @@ async def create(request: web.Request) -> web.Response:
     await _rate_limit(request)
     store = request.app[STORE]
     turns = await store.history(conversation_id) if "conversation_id" in body else []
+    found = await _knowledge(request, message, turns)  # first: no new wait between storing a session and spawning
     session_id = ids.new_id()
     await store.create_session(session_id, conversation_id, message)
-    messages = history.messages(request.app[SETTINGS].system_prompt, turns, message)
-    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id)
+    messages = history.messages(
+        request.app[SETTINGS].system_prompt, turns, message, knowledge=None if found is None else found.passages
+    )
+    sources = [] if found is None else found.sources
+    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id, sources=sources)
     events_url = f"/events/{session_id}"
     return web.json_response(
         {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},
         status=201,
         headers={"Location": f"/sessions/{session_id}"},
     )
+
+
+async def _knowledge(request: web.Request, message: str, turns: list[history.Turn]) -> Retrieval | None:
+    """The site's passages for this message and the conversation's last two questions; None when off."""
+    knowledge = request.app[KNOWLEDGE]
+    if knowledge is None:
+        return None
+    return await knowledge.retrieve(message, [turn.user for turn in turns[-2:]])
 
 
 async def _rate_limit(request: web.Request) -> None:
@@ -133,9 +146,9 @@ async def read(request: web.Request) -> web.Response:
     meta = await store.session(sid)
     if meta is None:
         raise not_found()
-    text, reasoning = await store.transcript(sid)
-    body = {"id": sid, "conversation_id": meta.conversation_id, "status": meta.status, "text": text}
-    return web.json_response({**body, "reasoning": reasoning})
+    found = await store.transcript(sid)
+    body = {"id": sid, "conversation_id": meta.conversation_id, "status": meta.status, "text": found.text}
+    return web.json_response({**body, "reasoning": found.reasoning, "sources": found.sources})
 
 
 async def cancel(request: web.Request) -> web.Response:

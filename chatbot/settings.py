@@ -147,6 +147,8 @@ class Settings:
     max_streams: int = 20_000
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default_factory=tuple)
     log_format: str = "plain"
+    knowledge: str = ""  # the index file `chatbot index` wrote; empty: answers are not grounded in the site
+    knowledge_max_chars: int = 6000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -236,6 +238,10 @@ class Settings:
                 env, "CHATBOT_TRUSTED_PROXIES", d.trusted_proxies, _networks, "comma-separated IP addresses or CIDRs"
             ),
             log_format=_parse(env, "CHATBOT_LOG_FORMAT", d.log_format, _log_format, "plain or json"),
+            knowledge=env.get("CHATBOT_KNOWLEDGE", "").strip(),
+            knowledge_max_chars=_parse(
+                env, "CHATBOT_KNOWLEDGE_MAX_CHARS", d.knowledge_max_chars, _int_in(100, 10**6), "an integer 100-1000000"
+            ),
         )
 
     @property

@@ -222,6 +222,15 @@ class SessionMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class Transcript:
+    """A session's answer so far, its reasoning so far, and its `sources` payload ([] if none)."""
+
+    text: str
+    reasoning: str
+    sources: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     """What the store said to an append: the new id, or that the session ended or vanished."""
 
@@ -629,18 +638,21 @@ class Store:
 
     async def text(self, session_id: str) -> str:
         """The answer so far: every token event's text, in order."""
-        return (await self.transcript(session_id))[0]
+        return (await self.transcript(session_id)).text
 
-    async def transcript(self, session_id: str) -> tuple[str, str]:
-        """The answer so far and the reasoning so far, each its events' text in order."""
+    async def transcript(self, session_id: str) -> Transcript:
+        """The answer so far, the reasoning so far (each its events' text in order) and the answer's sources."""
         text: list[str] = []
         reasoning: list[str] = []
+        sources: list[Any] = []
         for event in await self.read_from(session_id, "-"):
             if event.event == events.TOKEN:
                 text.append(event.payload()["text"])
             elif event.event == events.REASONING:
                 reasoning.append(event.payload()["text"])
-        return "".join(text), "".join(reasoning)
+            elif event.event == events.SOURCES:
+                sources = event.payload()["sources"]
+        return Transcript("".join(text), "".join(reasoning), sources)
 
     async def close(self) -> None:
         if isinstance(self.redis, RedisCluster):

@@ -96,8 +96,14 @@ def assert_well_formed(events: list[Event], *, complete: bool = True) -> None:
         assert event.data_lines == 1, f"event {i} has {event.data_lines} data lines"
         payload = json.loads(event.data)
         assert isinstance(payload, dict)
-        assert event.type in {"token", "reasoning", "done", "error"}, event.type
-        if event.type in ("token", "reasoning"):
+        assert event.type in {"sources", "token", "reasoning", "done", "error"}, event.type
+        if event.type == "sources":
+            assert sum(e.type == "sources" for e in events) == 1, "more than one sources event"
+            assert all(e.type != "token" for e in events[:i]), "sources after a token"
+            sources = payload.get("sources")
+            assert isinstance(sources, list) and sources, payload
+            assert all(set(s) == {"title", "url"} for s in sources), payload
+        elif event.type in ("token", "reasoning"):
             assert isinstance(payload.get("text"), str), payload
         elif event.type == "done":
             assert payload.get("finish_reason") in {"stop", "length", "content_filter", "cancelled"}, payload

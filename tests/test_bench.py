@@ -100,3 +100,13 @@ def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) ->
     assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] >= 0  # Redis CPU: 10 ms ticks
     assert "| 4 × 25 tok/s × 15 | **this service** |" in done.stdout
     assert "Nchan, memory (no Redis): not run" in done.stdout
+
+
+def test_retrieval_bench_reports_recall_at_3_and_time_per_retrieval(tmp_path: Path) -> None:
+    from bench import retrieval
+
+    assert retrieval.main(["--quick", "--pages", "100", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert (result["pages"], result["questions"], result["samples"]) == (100, 52, 520)
+    assert result["recall_at_3"] >= retrieval.TARGET_RECALL, result["misses"]
+    assert 0 < result["search_p50_ms"] <= result["search_p99_ms"]

@@ -115,18 +115,23 @@ SCENARIOS: dict[str, Scenario] = {
     "producer_lost": producer_lost,
     "server_shutdown": server_shutdown,
 }
+# Codes whose cause needs more than one store: produced for real by the named test.
+HELD_ELSEWHERE = {
+    "store_data_lost": "test_cluster.py::test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_error",
+}
 
 
 def test_the_table_the_api_description_and_the_tests_name_the_same_codes() -> None:
     spec = yaml.safe_load((ROOT / "chatbot" / "openapi.yaml").read_text(encoding="utf-8"))
     described = spec["components"]["schemas"]["ErrorEvent"]["properties"]["code"]["enum"]
     assert len(ROWS) >= 12
-    assert set(ROWS) == set(described) == set(SCENARIOS)
+    assert set(ROWS) == set(described) == set(SCENARIOS) | set(HELD_ELSEWHERE)
+    assert not set(SCENARIOS) & set(HELD_ELSEWHERE)
     finish = spec["components"]["schemas"]["DoneEvent"]["properties"]["finish_reason"]["enum"]
     assert set(finish) == {"stop", "length", "content_filter", "cancelled"}
 
 
-@pytest.mark.parametrize("code", sorted(ROWS))
+@pytest.mark.parametrize("code", sorted(set(ROWS) - set(HELD_ELSEWHERE)))
 async def test_each_documented_code_is_produced_with_its_retryable(
     code: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any, redis_url: str
 ) -> None:
