@@ -6,8 +6,12 @@ real except the model: its exact Chat Completions wire format comes from tests/p
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -191,3 +195,60 @@ async def test_unreadable_answer_is_not_retryable(start_e2e: StartE2E, page: Any
     assert await shown_text(page, session_id) == "Before"
     assert not await message.get_by_test_id("chat-retry").is_visible()
     assert (await service.session(session_id))["status"] == "failed"
+
+
+# -- sources: answers grounded in the site's index (issue 14) ------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+async def index_fixture_site(out: Path, base_url: str) -> None:
+    """`chatbot index` over the fixture site, run as an operator runs it."""
+    command = [sys.executable, "-m", "chatbot", "index", str(DATA / "site"), "--out", str(out), "--base-url", base_url]
+    process = await asyncio.create_subprocess_exec(*command, stdout=PIPE, stderr=PIPE)
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert f"wrote {out}" in stdout.decode()
+
+
+async def test_sources_link_the_page_that_answers_and_none_for_a_question_matching_nothing(
+    start_e2e: StartE2E, page: Any, tmp_path: Path
+) -> None:
+    labelled = json.loads((DATA / "site-questions.json").read_text())
+    question, path = next((q, p) for q, p in labelled["questions"] if q == "Does Tidepool need an internet connection?")
+    index = tmp_path / "knowledge.sqlite3"
+    await index_fixture_site(index, labelled["base_url"])
+    service = await start_e2e(
+        Reply(openai_events(["No: the station constants ", "ship inside the binary."])),
+        env={"CHATBOT_KNOWLEDGE": str(index)},
+    )
+    await page.goto(service.url("/"))
+
+    # First in the conversation: a follow-up is searched with the earlier questions' words too.
+    nothing = await ask(page, "Zxqv plorth gnarf?")
+    await wait_status(page, nothing, "done")
+    assert await message_of(page, nothing).locator("nav.sources").count() == 0
+    assert (await service.session(nothing))["sources"] == []
+
+    grounded = await ask(page, question)
+    await wait_status(page, grounded, "done")
+    message = message_of(page, grounded)
+    layout = await message.evaluate("(m) => [...m.children].filter((c) => !c.hidden).map((c) => c.localName)")
+    assert layout == ["div", "nav"], layout  # the answer, then its sources
+    links = message.locator('nav.sources[aria-label="Sources"] > ul > li > a')
+    shown = [(await a.get_attribute("href"), await a.text_content()) for a in await links.all()]
+    assert shown[0] == (labelled["base_url"] + path, "Tidepool"), shown
+    assert all(href and href.startswith(("https://", "http://")) for href, _ in shown), shown
+    assert len({href for href, _ in shown}) == len(shown), shown
+    for a in await links.all():
+        assert (await a.get_attribute("target"), await a.get_attribute("rel")) == ("_blank", "noopener noreferrer")
+    sources = (await service.session(grounded))["sources"]
+    assert [(s["url"], s["title"]) for s in sources] == shown
+    assert await shown_text(page, grounded) == "No: the station constants ship inside the binary."
+    await screenshot(page, "e2e-sources")
+
+    # After a reload each answer shows its own sources once.
+    await page.reload()
+    await wait_status(page, nothing, "done")
+    assert await message_of(page, grounded).locator("nav.sources li").count() == len(shown)
+    assert await message_of(page, nothing).locator("nav.sources").count() == 0
