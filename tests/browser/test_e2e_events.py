@@ -202,13 +202,14 @@ async def test_unreadable_answer_is_not_retryable(start_e2e: StartE2E, page: Any
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-async def index_fixture_site(out: Path, base_url: str) -> None:
-    """`chatbot index` over the fixture site, run as an operator runs it."""
-    command = [sys.executable, "-m", "chatbot", "index", str(DATA / "site"), "--out", str(out), "--base-url", base_url]
+async def index_folders(out: Path, base_url: str, *folders: Path) -> str:
+    """`chatbot index` over folders, run as an operator runs it; returns its report."""
+    command = [sys.executable, "-m", "chatbot", "index", *map(str, folders), "--out", str(out), "--base-url", base_url]
     process = await asyncio.create_subprocess_exec(*command, stdout=PIPE, stderr=PIPE)
     stdout, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()
     assert f"wrote {out}" in stdout.decode()
+    return stdout.decode()
 
 
 async def test_sources_link_the_page_that_answers_and_none_for_a_question_matching_nothing(
@@ -216,8 +217,13 @@ async def test_sources_link_the_page_that_answers_and_none_for_a_question_matchi
 ) -> None:
     labelled = json.loads((DATA / "site-questions.json").read_text())
     question, path = next((q, p) for q, p in labelled["questions"] if q == "Does Tidepool need an internet connection?")
+    # Beside the site, a page whose front matter gives a script URL: it must never become a link.
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "trap.md").write_text("---\ntitle: Trap\nurl: javascript:alert(1)\n---\nQuokkafish swim in the trap.\n")
     index = tmp_path / "knowledge.sqlite3"
-    await index_fixture_site(index, labelled["base_url"])
+    report = await index_folders(index, labelled["base_url"], DATA / "site", trap)
+    assert "its URL 'javascript:alert(1)' is not an http(s) URL" in report
     service = await start_e2e(
         Reply(openai_events(["No: the station constants ", "ship inside the binary."])),
         env={"CHATBOT_KNOWLEDGE": str(index)},
@@ -229,6 +235,11 @@ async def test_sources_link_the_page_that_answers_and_none_for_a_question_matchi
     await wait_status(page, nothing, "done")
     assert await message_of(page, nothing).locator("nav.sources").count() == 0
     assert (await service.session(nothing))["sources"] == []
+
+    script = await ask(page, "Tell me about the quokkafish")
+    await wait_status(page, script, "done")
+    assert await message_of(page, script).locator("nav.sources").count() == 0
+    assert (await service.session(script))["sources"] == []
 
     grounded = await ask(page, question)
     await wait_status(page, grounded, "done")
@@ -252,3 +263,5 @@ async def test_sources_link_the_page_that_answers_and_none_for_a_question_matchi
     await wait_status(page, nothing, "done")
     assert await message_of(page, grounded).locator("nav.sources li").count() == len(shown)
     assert await message_of(page, nothing).locator("nav.sources").count() == 0
+    assert await message_of(page, script).locator("nav.sources").count() == 0
+    assert await page.locator('a[href^="javascript"]').count() == 0
