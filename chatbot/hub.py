@@ -22,6 +22,7 @@ from . import events, keys
 from .events import Event
 from .metrics import Metrics
 from .store import Store
+from .tasks import shared_task_ended
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,7 @@ class Hub:
             task.add_done_callback(self._task_ended)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """These tasks may only end in close(); any other end is fatal for the instance, and said loudly."""
-        if self._closing:
-            return
-        exc = None if task.cancelled() else task.exception()
-        log.critical("shared task %s ended unexpectedly", task.get_name(), exc_info=exc)
-        self._on_fatal(task.get_name())
+        shared_task_ended(task, closing=self._closing, on_fatal=self._on_fatal)
 
     def end_streams(self) -> None:
         """Ask every open stream to end now (shutdown): clients reconnect to another instance."""

@@ -19,6 +19,7 @@ from . import events, history
 from .metrics import Metrics
 from .providers import Finish, Message, Provider, ProviderError, Reasoning
 from .store import AppendResult, Store, transient
+from .tasks import shared_task_ended
 
 log = logging.getLogger(__name__)
 
@@ -349,12 +350,7 @@ class Producers:
         self._lease_task.add_done_callback(self._task_ended)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """A shared task may only end in close(); any other end is fatal for the instance, and said loudly."""
-        if self._closing:
-            return
-        exc = None if task.cancelled() else task.exception()
-        log.critical("shared task %s ended unexpectedly", task.get_name(), exc_info=exc)
-        self._on_fatal(task.get_name())
+        shared_task_ended(task, closing=self._closing, on_fatal=self._on_fatal)
 
     @property
     def active(self) -> int:
