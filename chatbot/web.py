@@ -112,12 +112,33 @@ def security_headers(content_type: str, *, public: bool = False) -> dict[str, st
 
 
 def _file_handler(path: Path, current: str) -> Handler:
-    headers = security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT), public=path.suffix in PUBLIC_TYPES)
+    """One file, read once: its bytes are what `current` hashes, so the version and the body always agree.
+
+    Served from memory rather than with `FileResponse`, which holds a file open per request and leaked it
+    when a browser closed the page mid-transfer; the widget's files are a few tens of KiB in all.
+    """
+    body = path.read_bytes()
+    etag = f'"{current}"'
+    headers = {**security_headers(CONTENT_TYPES.get(path.suffix, PLAIN_TEXT), public=path.suffix in PUBLIC_TYPES)}
+    headers["ETag"] = etag
     immutable = {**headers, "Cache-Control": IMMUTABLE}
+    return _serve_bytes(body, etag, headers, versioned=immutable, current=current)
+
+
+def _serve_bytes(
+    body: bytes, etag: str, headers: dict[str, str], *, versioned: dict[str, str] | None = None, current: str = ""
+) -> Handler:
+    """Answer with `body`, or 304 when the request's If-None-Match names `etag`.
+
+    Only the current version (`?v=<current>`) gets the `versioned` (immutable) headers: an old `?v=`
+    gets today's file, revalidated.
+    """
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        # Only the current version is immutable: an old `?v=` gets today's file, revalidated.
-        return web.FileResponse(path, headers=immutable if request.query.get("v") == current else headers)
+        chosen = versioned if versioned is not None and request.query.get("v") == current else headers
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": chosen["Cache-Control"]})
+        return web.Response(body=body, headers=chosen)
 
     return serve
 
@@ -132,13 +153,7 @@ def _page_handler(path: Path, versions: dict[str, str]) -> Handler:
     body = _LOCAL_REFERENCE.sub(pin, path.read_text(encoding="utf-8")).encode()
     etag = f'"{version(body)}"'
     headers = {**security_headers(CONTENT_TYPES[".html"]), "ETag": etag}
-
-    async def serve(request: web.Request) -> web.StreamResponse:
-        if etag in request.headers.get("If-None-Match", ""):
-            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": REVALIDATE})
-        return web.Response(body=body, headers=headers)
-
-    return serve
+    return _serve_bytes(body, etag, headers)
 
 
 def _file_routes(app: web.Application, root: Path) -> set[str]:
