@@ -137,6 +137,7 @@ def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignor
             on_fatal=fatal,
         )
         producers.on_generating = hub.follow_cancel
+        store.on_entry = hub.entry
         app[STORE], app[PRODUCERS], app[HUB] = store, producers, hub
         metrics.watch(open_streams=lambda: app[CAPS].open, active_generations=lambda: producers.active)
         await producers.start()

@@ -72,7 +72,16 @@ class EventStream(web.StreamResponse):
         self._heartbeat.add_done_callback(lambda _: callback())
 
     async def send(self, data: bytes) -> None:
-        """Write pre-encoded bytes; TimeoutError (and the connection aborted) if the client stops reading."""
+        """Write pre-encoded bytes; TimeoutError (and the connection aborted) if the client stops reading.
+
+        A write waits only when the socket's buffer is full (the transport paused writing); only then is
+        the wait bounded by a timer, so a reader that keeps up costs no timer per event.
+        """
+        request = self._req
+        protocol = None if request is None else request.protocol
+        if protocol is not None and not protocol.writing_paused:
+            await self.write(data)  # cannot wait: aiohttp drains only a paused transport
+            return
         try:
             async with asyncio.timeout(self._send_timeout):
                 await self.write(data)

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from . import events, keys
 from .events import Event
 from .metrics import Metrics
-from .store import Store
+from .store import Notice, Store
 from .tasks import shared_task_ended
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,11 @@ class Hub:
             if topic.cursor is not None:
                 self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
         elif kind == "message":
-            self._mark_dirty(topic.session_id)
+            notice = Notice.parse(message["data"])
+            if notice.previous is not None and notice.event is not None:
+                self.entry(session_id, notice.previous, notice.event)
+            elif topic.cursor is not None and events.parse_event_id(notice.id) > events.parse_event_id(topic.cursor):
+                self._mark_dirty(session_id)
 
     # -- cancel notices on a cluster ------------------------------------------------------------
 
@@ -363,6 +367,27 @@ class Hub:
                         self._cancel_subscribed.difference_update(leave)
                 except (RedisError, OSError) as exc:
                     log.warning("cancel subscriptions failed (%s); the listener will resubscribe", exc)
+
+    # -- entries that need no read ------------------------------------------------------------------
+
+    def entry(self, session_id: str, previous: str, event: Event) -> None:
+        """An entry with the id before it: appended by a producer here (`Store.on_entry`) or carried by its notice.
+
+        When this process's readers of the session have everything up to `previous`, it goes to them as it
+        is, with no read; an entry after a gap is read from the stream instead; one already held is dropped.
+        An entry may come both ways (the append's reply and the notice): only the first is delivered.
+        """
+        topic = self._topics.get(session_id)
+        if topic is None or topic.cursor is None or topic.ended:
+            return  # a reader not yet caught up reads the stream itself
+        if topic.cursor == previous:
+            try:
+                self._deliver(session_id, previous, [event])
+            except Exception:  # never into the append's caller (the batcher): the read path fails the session
+                log.exception("session %s: entry %s could not be delivered; reading it instead", session_id, event.id)
+                self._mark_dirty(session_id)
+        elif events.parse_event_id(event.id) > events.parse_event_id(topic.cursor):
+            self._mark_dirty(session_id)
 
     # -- fetching --------------------------------------------------------------------------------
 

@@ -53,8 +53,11 @@ TERMINAL_STATUSES = frozenset({"done", "cancelled", "failed"})
 # Seconds a request waits for a free pooled connection before the store counts as unavailable.
 POOL_WAIT_SECONDS = 5.0
 
-# KEYS: stream, meta, lease.  ARGV: event, data, maxlen, terminal status or "", ttl, channel, expected last id.
+# KEYS: stream, meta, lease.
+# ARGV: event, data, maxlen, terminal status or "", ttl, channel, expected last id, previous id.
 # Appends unless the session is gone or already ended; returns {"ok", id, cancel flag}.
+# The notice is the entry itself when the caller knows the id before it ("<previous>\n<id>\n<event>\n<data>",
+# see `Notice`), so that a reader elsewhere needs no read; else only the new id.
 # With an expected last id (cluster mode: the id of this producer's previous entry), a stream whose last entry
 # differs lost its tail in a failover: the session ends with a retryable error placed after every id a reader
 # may hold (at least the expected id + 1 ms, and not before the server's clock), and the reply is {"lost"}.
@@ -88,7 +91,11 @@ if ARGV[4] ~= '' then
 elseif status == 'queued' then
   redis.call('HSET', KEYS[2], 'status', 'streaming')
 end
-redis.call('PUBLISH', ARGV[6], id)
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[6], ARGV[8] .. '\\n' .. id .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[2])
+else
+  redis.call('PUBLISH', ARGV[6], id)
+end
 return {'ok', id, state[2] or ''}
 """.replace(
     "LOST_TAIL_ERROR",
@@ -228,6 +235,31 @@ class Transcript:
     text: str
     reasoning: str
     sources: list[Any]
+
+
+# The id before a stream's first entry, as a reader that read an empty stream has it.
+FIRST = "0-0"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A message on a session's notice channel: an entry with the id before it, or only the new id.
+
+    An entry's notice is `<previous id>\n<id>\n<event>\n<data>` (ids and event names have no line breaks, the
+    data is one line of JSON); terminal events written by the other scripts (cancel, orphaned, lost tail) send
+    only their id, and so do appends whose previous id the producer did not know.
+    """
+
+    previous: str | None
+    id: str
+    event: events.Event | None
+
+    @classmethod
+    def parse(cls, message: str) -> Notice:
+        if "\n" not in message:
+            return cls(None, message, None)
+        previous, entry_id, name, data = message.split("\n", 3)
+        return cls(previous, entry_id, events.Event(entry_id, name, data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,8 +430,13 @@ class Store:
         self._maxlen = settings.max_answer_events + 16
         self._owner = owner
         self._slots = asyncio.Semaphore(settings.redis_pool_size) if self.cluster else None
-        # Cluster: the id of each local producer's last entry, to notice a tail lost in a failover.
-        self._tails: dict[str, str] | None = {} if self.cluster else None
+        # The id of each local producer's last entry ("0-0" before its first): the id before its next entry,
+        # which its notice carries, and, on a cluster, what the stream must still end with (a tail lost in a
+        # failover is noticed by the append script).
+        self._last: dict[str, str] = {}
+        # Told each entry a local producer appended, with the id before it: the hub delivers it to the
+        # readers in this process without a pub/sub notice or a read.
+        self.on_entry: Callable[[str, str, events.Event], None] = lambda session_id, previous, event: None
         self._refreshed_at = 0.0
         # A classic PUBLISH on a cluster goes to every node; SPUBLISH only to the shard that owns the channel.
         publish = "'SPUBLISH'" if self.cluster else "'PUBLISH'"
@@ -457,6 +494,7 @@ class Store:
             ("EXPIRE", conversation, self._ttl),
         ]
         _raise_first(await self._rounds(commands, [command[1] for command in commands]))
+        self._last[session_id] = FIRST  # its producer runs here, and its stream is empty
 
     @_gated
     async def count_hit(self, address: str, window_seconds: int) -> tuple[int, float]:
@@ -505,16 +543,17 @@ class Store:
     @_gated
     async def append(self, session_id: str, event: str, data: str, *, terminal_status: str = "") -> AppendResult:
         """Append one event; a terminal status also ends the session and starts its expiry."""
+        previous = self._last.get(session_id, "")
         reply: list[str] = await self._append(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
             args=[
                 event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id),
-                self._expected_tail(session_id),
+                self._expected_tail(session_id), previous,
             ],
         )  # fmt: skip
-        result = self._appended(session_id, reply)
-        if terminal_status and self._tails is not None:
-            self._tails.pop(session_id, None)
+        result = self._appended(session_id, previous, event, data, reply)
+        if terminal_status:
+            self._last.pop(session_id, None)
         return result
 
     @_gated
@@ -523,29 +562,35 @@ class Store:
 
         On a cluster an item whose master failed gives that error (see `transient`) and the others stand.
         """
+        previous = [self._last.get(sid, "") for sid, _, _ in items]
         commands = [
             ("EVALSHA", self._append.sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
-             event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), self._expected_tail(sid))
-            for sid, event, data in items
+             event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), self._expected_tail(sid), before)
+            for (sid, event, data), before in zip(items, previous, strict=True)
         ]  # fmt: skip
         replies = await self._eval_rounds(self._append, commands)
         return [
-            reply if isinstance(reply, Exception) else self._appended(sid, reply)
-            for (sid, _, _), reply in zip(items, replies, strict=True)
+            reply if isinstance(reply, Exception) else self._appended(sid, before, event, data, reply)
+            for (sid, event, data), before, reply in zip(items, previous, replies, strict=True)
         ]
 
     def _expected_tail(self, session_id: str) -> str:
-        return "" if self._tails is None else self._tails.get(session_id, "")
+        """Cluster: the id the stream must end with before this producer's next entry ("" = no check)."""
+        if not self.cluster:
+            return ""
+        last = self._last.get(session_id, "")
+        return "" if last == FIRST else last
 
-    def _appended(self, session_id: str, reply: list[str]) -> AppendResult:
+    def _appended(self, session_id: str, previous: str, event: str, data: str, reply: list[str]) -> AppendResult:
         result = _append_result(reply)
-        if self._tails is not None:
-            if result.id is None:
-                self._tails.pop(session_id, None)
-                if reply[0] == "lost":
-                    log.warning("session %s: its stream lost entries in a failover; ended with an error", session_id)
-            else:
-                self._tails[session_id] = result.id
+        if result.id is None:
+            self._last.pop(session_id, None)
+            if reply[0] == "lost":
+                log.warning("session %s: its stream lost entries in a failover; ended with an error", session_id)
+            return result
+        self._last[session_id] = result.id
+        if previous:
+            self.on_entry(session_id, previous, events.Event(result.id, event, data))
         return result
 
     @_gated
@@ -560,10 +605,9 @@ class Store:
 
     async def renew_leases(self, session_ids: Sequence[str]) -> dict[str, str | None]:
         """Renew the leases of this process's producers: id → cancel flag, or None if it ended."""
-        if self._tails is not None:
-            live = set(session_ids)  # forget the tails of answers that ended without a terminal append
-            for sid in [sid for sid in self._tails if sid not in live]:
-                del self._tails[sid]
+        live = set(session_ids)  # forget the last ids of answers that ended without a terminal append
+        for sid in [sid for sid in self._last if sid not in live]:
+            del self._last[sid]
         return await self._renew_many(session_ids)
 
     @_gated
