@@ -135,6 +135,7 @@ def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignor
             # The producer's own deadline ends every answer before this; past it, the producer is wedged.
             queued_bound=settings.answer_deadline_seconds + 2 * settings.lease_ttl_seconds,
             on_fatal=fatal,
+            heartbeat_seconds=settings.heartbeat_seconds,
         )
         producers.on_generating = hub.follow_cancel
         store.on_entry = hub.entry

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from .events import SEP
 
@@ -35,25 +37,70 @@ class ClientGone(ConnectionResetError):
     """The client closed its connection before the response could start."""
 
 
-class EventStream(web.StreamResponse):
-    """A chunked event stream with a heartbeat task; `on_gone` runs when a write shows the peer is gone.
+class Heartbeats:
+    """One task that writes `: ping` to every open event stream and notices peers that are gone.
 
-    `send_timeout` (seconds) bounds every write; on Linux it is also the socket's TCP_USER_TIMEOUT, so
-    a peer that stops acknowledging is dropped by the kernel even while the stream is idle.
+    Every `interval` seconds each stream gets a heartbeat. A stream whose socket is gone, or whose buffer
+    has stayed full (the peer stopped reading) for longer than its `send_timeout`, is aborted and its
+    `on_gone` callback runs. One task and one timer serve all streams: a stream costs no task of its own.
     """
 
-    def __init__(self, *, heartbeat_seconds: float, send_timeout: float) -> None:
-        if heartbeat_seconds <= 0:
-            raise ValueError("heartbeat_seconds must be positive")
+    def __init__(self, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("the heartbeat interval must be positive")
+        self.interval = interval
+        self._streams: set[EventStream] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_end: Callable[[asyncio.Task[None]], None] = lambda task: None) -> None:
+        self._task = asyncio.create_task(self._run(), name="heartbeats")
+        self._task.add_done_callback(on_end)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: EventStream) -> None:
+        self._streams.add(stream)
+
+    def discard(self, stream: EventStream) -> None:
+        self._streams.discard(stream)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            for stream in list(self._streams):
+                try:
+                    await stream.beat(now)
+                except Exception:  # one stream's fault must not stop every other stream's heartbeat
+                    log.exception("heartbeat failed; ending that stream")
+                    stream.gone()
+
+
+class EventStream(web.StreamResponse):
+    """A chunked event stream, kept alive by the process's `Heartbeats`; `on_gone` runs when the peer is gone.
+
+    `send_timeout` (seconds) bounds a write that waits on a full socket buffer; on Linux it is also the
+    socket's TCP_USER_TIMEOUT, so a peer that stops acknowledging is dropped by the kernel even while the
+    stream is idle (the heartbeat keeps unacknowledged bytes in flight).
+    """
+
+    def __init__(self, *, heartbeats: Heartbeats, send_timeout: float) -> None:
         super().__init__(status=200, headers=HEADERS)
-        self._heartbeat_seconds = heartbeat_seconds
+        self._heartbeats = heartbeats
         self._send_timeout = send_timeout
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._on_gone: Callable[[], None] | None = None
+        self._stuck_since: float | None = None
         self._sock: socket.socket | None = None
         self._saved_user_timeout: int | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """Send the headers and start the heartbeat; ClientGone if the client has already left."""
+        """Send the headers and join the heartbeats; ClientGone if the client has already left."""
         if self.prepared:
             return await super().prepare(request)
         transport = request.transport
@@ -62,14 +109,14 @@ class EventStream(web.StreamResponse):
         self._set_user_timeout(transport.get_extra_info("socket"))
         self.enable_chunked_encoding()
         writer = await super().prepare(request)
-        self._heartbeat = asyncio.create_task(self._beat())
+        self._heartbeats.add(self)
         return writer
 
     def on_gone(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the heartbeat stops: the peer is gone, or `stop` was called."""
-        if self._heartbeat is None:
+        """Call `callback` once, when a heartbeat finds the peer gone."""
+        if not self.prepared:
             raise RuntimeError("the stream has not started")
-        self._heartbeat.add_done_callback(lambda _: callback())
+        self._on_gone = callback
 
     async def send(self, data: bytes) -> None:
         """Write pre-encoded bytes; TimeoutError (and the connection aborted) if the client stops reading.
@@ -89,21 +136,37 @@ class EventStream(web.StreamResponse):
             self._abort()
             raise
 
-    async def stop(self) -> None:
-        """End the heartbeat and put the socket's timeout back for the next request on the connection."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-        self._restore_user_timeout()
+    async def beat(self, now: float) -> None:
+        """Called by `Heartbeats`: write a heartbeat without waiting, or end a stream whose peer is gone."""
+        request = self._req
+        transport = None if request is None else request.transport
+        if request is None or transport is None or transport.is_closing():
+            self.gone()
+            return
+        if request.protocol.writing_paused:  # the peer is not reading: no more bytes, and not for ever
+            self._stuck_since = self._stuck_since or now
+            if now - self._stuck_since > self._send_timeout:
+                self._abort()
+                self.gone()
+            return
+        self._stuck_since = None
+        writer = self._payload_writer
+        if isinstance(writer, StreamWriter) and not self._eof_sent:
+            # drain=False: the chunk goes to the transport and nothing waits (no compression, no callback).
+            await writer.write(HEARTBEAT, drain=False)
 
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            try:
-                await self.send(HEARTBEAT)
-            except (ConnectionResetError, TimeoutError, RuntimeError):
-                return  # RuntimeError: written after the end
+    def gone(self) -> None:
+        """The peer is gone: leave the heartbeats and tell the owner, once."""
+        self._heartbeats.discard(self)
+        callback, self._on_gone = self._on_gone, None
+        if callback is not None:
+            callback()
+
+    async def stop(self) -> None:
+        """Leave the heartbeats and put the socket's timeout back for the next request on the connection."""
+        self._heartbeats.discard(self)
+        self._on_gone = None
+        self._restore_user_timeout()
 
     def _abort(self) -> None:
         # A peer that does not read never drains the buffer, so a graceful close would wait forever.

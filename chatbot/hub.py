@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from . import events, keys
 from .events import Event
+from .eventstream import Heartbeats
 from .metrics import Metrics
 from .store import Notice, Store
 from .tasks import shared_task_ended
@@ -71,7 +72,7 @@ class _Topic:
 
 
 class Hub:
-    """Owns the pub/sub connection, the fetch loop and the producer-liveness sweep."""
+    """Owns the pub/sub connection, the fetch loop, the producer-liveness sweep and the streams' heartbeats."""
 
     FETCH_COUNT = 512
     QUEUE_LIMIT = 4096
@@ -88,8 +89,10 @@ class Hub:
         on_cancel: Callable[[str], None],
         queued_bound: float = 900.0,
         on_fatal: Callable[[str], None] = lambda name: None,
+        heartbeat_seconds: float = 15.0,
     ) -> None:
         self._store = store
+        self.heartbeats = Heartbeats(heartbeat_seconds)  # every open stream's, in one task
         self._queued_bound = queued_bound
         self._on_fatal = on_fatal
         self._metrics = metrics
@@ -124,6 +127,7 @@ class Hub:
             self._tasks.append(asyncio.create_task(self._sync_cancels(), name="hub-cancels"))
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
+        self.heartbeats.start(self._task_ended)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         shared_task_ended(task, closing=self._closing, on_fatal=self._on_fatal)
@@ -138,6 +142,7 @@ class Hub:
 
     async def close(self) -> None:
         self.end_streams()
+        await self.heartbeats.close()
         for task in self._tasks:
             task.cancel()
         # Bounded, and without swallowing a cancel aimed at close() itself.

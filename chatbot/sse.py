@@ -114,9 +114,9 @@ async def _respond(
     request: web.Request, *, hub_sub: Subscriber, backlog: list[Event], resume: str | None
 ) -> web.StreamResponse:
     settings, store, hub, metrics = request.app[SETTINGS], request.app[STORE], request.app[HUB], request.app[METRICS]
-    response = EventStream(heartbeat_seconds=settings.heartbeat_seconds, send_timeout=SEND_TIMEOUT)
+    response = EventStream(heartbeats=hub.heartbeats, send_timeout=SEND_TIMEOUT)
     await response.prepare(request)  # ClientGone if the client already left
-    # A dead peer is noticed by a heartbeat failing; it ends this reader too.
+    # A dead peer is noticed by a heartbeat; it ends this reader too.
     response.on_gone(lambda: _hang_up(hub_sub))
     try:
         await response.send(events.retry_field(settings.sse_retry_ms))
