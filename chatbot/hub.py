@@ -64,6 +64,9 @@ class _Topic:
     """What this process knows about one session that has readers here."""
 
     session_id: str
+    # Produced in this process: its entries come with their appends (`Hub.entry`), so no notice is
+    # subscribed; what another process writes (a terminal event, when the lease lapsed) the sweep reads.
+    local: bool = False
     subscribers: set[Subscriber] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     cursor: str | None = None
@@ -166,8 +169,8 @@ class Hub:
             raise StreamClosed
         topic = self._topics.get(session_id)
         if topic is None:
-            topic = self._topics[session_id] = _Topic(session_id)
-            if session_id in self._acked:
+            topic = self._topics[session_id] = _Topic(session_id, local=self._store.producing(session_id))
+            if topic.local or session_id in self._acked:
                 topic.ready.set()
         sub = Subscriber(session_id, after)
         topic.subscribers.add(sub)
@@ -230,7 +233,7 @@ class Hub:
         async with self._pubsub_lock:
             if not self._pubsub_ready.is_set():
                 return  # the listener subscribes every topic when it (re)connects
-            wanted = session_id in self._topics
+            wanted = (topic := self._topics.get(session_id)) is not None and not topic.local
             channel = keys.notify_channel(session_id)
             try:
                 if wanted and session_id not in self._subscribed:
@@ -270,7 +273,8 @@ class Hub:
             self._subscribed.clear()
             self._acked.clear()
             for topic in self._topics.values():
-                topic.ready.clear()
+                if not topic.local:
+                    topic.ready.clear()
             if self._pubsub is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await self._pubsub.aclose()
@@ -283,7 +287,7 @@ class Hub:
             self._pubsub = self._store.notices()
             if self._store.control_channels:
                 await self._pubsub.subscribe(*self._store.control_channels)
-            sids = list(self._topics)
+            sids = [sid for sid, topic in self._topics.items() if not topic.local]
             if sids:
                 await self._pubsub.subscribe(*(keys.notify_channel(sid) for sid in sids))
             self._subscribed = set(sids)
@@ -292,7 +296,7 @@ class Hub:
                 await self._pubsub.subscribe(*(keys.cancel_channel(sid) for sid in generating))
             self._cancel_subscribed = set(generating)
             self._pubsub_ready.set()
-        if sids:
+        if self._topics:
             self._sweep_now.set()  # the store may have restarted: check every producer at once
 
     async def _handle(self, message: dict[str, Any]) -> None:
@@ -375,17 +379,20 @@ class Hub:
 
     # -- entries that need no read ------------------------------------------------------------------
 
-    def entry(self, session_id: str, previous: str, event: Event) -> None:
+    def entry(self, session_id: str, previous: str, event: Event | None) -> None:
         """An entry with the id before it: appended by a producer here (`Store.on_entry`) or carried by its notice.
 
         When this process's readers of the session have everything up to `previous`, it goes to them as it
         is, with no read; an entry after a gap is read from the stream instead; one already held is dropped.
         An entry may come both ways (the append's reply and the notice): only the first is delivered.
+        No event (None): the stream changed in a way the caller cannot describe; it is read.
         """
         topic = self._topics.get(session_id)
         if topic is None or topic.cursor is None or topic.ended:
             return  # a reader not yet caught up reads the stream itself
-        if topic.cursor == previous:
+        if event is None:
+            self._mark_dirty(session_id)
+        elif topic.cursor == previous:
             try:
                 self._deliver(session_id, previous, [event])
             except Exception:  # never into the append's caller (the batcher): the read path fails the session
@@ -516,12 +523,16 @@ class Hub:
             outcome = await self._store.fail_orphan(sid, data)
             if outcome == "gone":
                 self._end_topic(sid)
-            elif outcome is not None:
+                continue
+            if outcome is not None:
                 log.warning("session %s: producer lost; ended with a retryable error", sid)
+            # Its terminal event (this one, or one another process wrote) may have no notice here: read it.
+            self._mark_dirty(sid)
         if stuck:
             data = events.error_data("internal_error", "The answer never started on the server.", retryable=True)
             for sid in await self._store.fail_queued(stuck, data, older_than=self._queued_bound):
                 log.error("session %s: still queued after %.0fs; ended with internal_error", sid, self._queued_bound)
+                self._mark_dirty(sid)
 
     def _end_topic(self, session_id: str, why: str = "vanished from the store") -> None:
         """End the session's streams here: it vanished (a reconnect is answered 404, not silence) or failed."""

@@ -435,8 +435,9 @@ class Store:
         # failover is noticed by the append script).
         self._last: dict[str, str] = {}
         # Told each entry a local producer appended, with the id before it: the hub delivers it to the
-        # readers in this process without a pub/sub notice or a read.
-        self.on_entry: Callable[[str, str, events.Event], None] = lambda session_id, previous, event: None
+        # readers in this process without a pub/sub notice or a read. Told (id, "", None) when an append
+        # found the session ended by another writer or its tail lost: the readers here must read the stream.
+        self.on_entry: Callable[[str, str, events.Event | None], None] = lambda session_id, previous, event: None
         self._refreshed_at = 0.0
         # A classic PUBLISH on a cluster goes to every node; SPUBLISH only to the shard that owns the channel.
         publish = "'SPUBLISH'" if self.cluster else "'PUBLISH'"
@@ -574,6 +575,10 @@ class Store:
             for (sid, event, data), before, reply in zip(items, previous, replies, strict=True)
         ]
 
+    def producing(self, session_id: str) -> bool:
+        """True while a producer in this process appends to the session (from its creation to its end)."""
+        return session_id in self._last
+
     def _expected_tail(self, session_id: str) -> str:
         """Cluster: the id the stream must end with before this producer's next entry ("" = no check)."""
         if not self.cluster:
@@ -587,6 +592,8 @@ class Store:
             self._last.pop(session_id, None)
             if reply[0] == "lost":
                 log.warning("session %s: its stream lost entries in a failover; ended with an error", session_id)
+            if reply[0] != "gone":
+                self.on_entry(session_id, "", None)
             return result
         self._last[session_id] = result.id
         if previous:

@@ -179,6 +179,8 @@ async def test_lease_keeper_survives_a_failed_round(
 async def test_hub_listener_survives_a_message_it_cannot_handle(
     serve: Callable[..., Any], redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Notices are for readers in another process than the producer's (its own get entries with the appends).
+    producer = await serve(settings_for(redis_url), Script(delay=0.05))
     client = await serve(settings_for(redis_url), Script(delay=0.05))
     hub: Hub = client.app[HUB]
     real = hub._on_message
@@ -190,13 +192,13 @@ async def test_hub_listener_survives_a_message_it_cannot_handle(
         real(message)
 
     hub._on_message = fragile  # type: ignore[method-assign]
-    healthy = await create_session(client, " ".join(["ok"] * 20))
-    bad = await create_session(client, " ".join(["doomed"] * 20))
+    healthy = await create_session(producer, " ".join(["ok"] * 20))
+    bad = await create_session(producer, " ".join(["doomed"] * 20))
     bad_sid.append(bad["id"])
     assert error_code(await read_to_the_end(client, bad["id"])) == "internal_error"
     assert logged_traceback(caplog, "could not be handled")
     assert text_of((await wait_terminal(client, healthy["id"])).events) == "ok " * 20
-    assert client.app[FAULTS] == []
+    assert client.app[FAULTS] == [] and producer.app[FAULTS] == []
 
 
 async def test_hub_fetch_loop_survives_one_sessions_unreadable_stream(
