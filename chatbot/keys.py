@@ -29,7 +29,10 @@ def lease(session_id: str) -> str:
 
 
 def notify_channel(session_id: str) -> str:
-    """Pub/sub wake-up hint that the session's stream grew. Never the data itself."""
+    """Pub/sub notice that the session's stream grew: the entry with the id before it, or only the new id.
+
+    See `store.Notice`. A notice is never the only copy: a reader that misses one reads the stream.
+    """
     return f"{PREFIX}:{{{session_id}}}:grew"
 
 
