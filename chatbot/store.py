@@ -36,6 +36,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -107,6 +108,42 @@ return {'ok', id, state[2] or ''}
 # KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
 # Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back,
 # 'gone' if the session itself vanished (expired, or Redis restarted without persistence).
+# One Redis only (its keys span sessions, so never on a cluster): the batcher's entries in one call.
+# KEYS: stream, meta of each entry in turn.  ARGV: maxlen, then event, data, channel, previous id of each.
+# Entries are never terminal. One reply per entry, as _APPEND's: {"ok", id, cancel flag}, {"ended"}, {"gone"},
+# or {"error", message} when a command failed for that entry alone (the others stand, none is half-written).
+_APPEND_MANY = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local stream, meta, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * i - 2
+  local state = redis.pcall('HMGET', meta, 'status', 'cancel')
+  local status = state[1]
+  if state.err then
+    out[i] = {'error', state.err}
+  elseif not status then
+    out[i] = {'gone'}
+  elseif status == 'done' or status == 'cancelled' or status == 'failed' then
+    out[i] = {'ended'}
+  else
+    local id = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[a], 'd', ARGV[a + 1])
+    if type(id) == 'table' then
+      out[i] = {'error', id.err}
+    else
+      if status == 'queued' then
+        redis.call('HSET', meta, 'status', 'streaming')
+      end
+      if ARGV[a + 3] ~= '' then
+        redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3] .. '\\n' .. id .. '\\n' .. ARGV[a] .. '\\n' .. ARGV[a + 1])
+      else
+        redis.call('PUBLISH', ARGV[a + 2], id)
+      end
+      out[i] = {'ok', id, state[2] or ''}
+    end
+  end
+end
+return out
+"""
+
 _FAIL_ORPHAN = """
 local status = redis.call('HGET', KEYS[2], 'status')
 if not status then return 'gone' end
@@ -446,6 +483,7 @@ class Store:
             return redis.register_script(source.replace("'PUBLISH'", publish))
 
         self._append = script(_APPEND)
+        self._append_many = None if self.cluster else script(_APPEND_MANY)
         self._fail_orphan = script(_FAIL_ORPHAN)
         self._fail_queued = script(_FAIL_QUEUED)
         self._cancel = script(_CANCEL)
@@ -564,6 +602,8 @@ class Store:
         On a cluster an item whose master failed gives that error (see `transient`) and the others stand.
         """
         previous = [self._last.get(sid, "") for sid, _, _ in items]
+        if self._append_many is not None:
+            return await self._append_batch(self._append_many, items, previous)
         commands = [
             ("EVALSHA", self._append.sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
              event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), self._expected_tail(sid), before)
@@ -573,6 +613,27 @@ class Store:
         return [
             reply if isinstance(reply, Exception) else self._appended(sid, before, event, data, reply)
             for (sid, event, data), before, reply in zip(items, previous, replies, strict=True)
+        ]
+
+    async def _append_batch(
+        self, script: AsyncScript, items: Sequence[tuple[str, str, str]], previous: list[str]
+    ) -> list[AppendResult | Exception]:
+        """One Redis: every item in one script call (one command for Redis and the client, not one per item)."""
+        if not items:
+            return []
+        names = [name for sid, _, _ in items for name in (keys.stream(sid), keys.meta(sid))]
+        args = [
+            arg
+            for (sid, event, data), before in zip(items, previous, strict=True)
+            for arg in (event, data, keys.notify_channel(sid), before)
+        ]
+        command = ("EVALSHA", script.sha, len(names), *names, self._maxlen, *args)
+        (reply,) = await self._eval_rounds(script, [command])
+        if isinstance(reply, Exception):
+            raise reply
+        return [
+            ResponseError(one[1]) if one[0] == "error" else self._appended(sid, before, event, data, one)
+            for (sid, event, data), before, one in zip(items, previous, reply, strict=True)
         ]
 
     def producing(self, session_id: str) -> bool:
