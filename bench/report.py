@@ -162,7 +162,11 @@ def _over(ours: float | None, theirs: float | None) -> str:
 
 def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
     """The service beside each peer on the same workload, measured in the same run, as ratios."""
-    labels = {"service": "**this service**", **peers["labels"]}
+    labels = {
+        "service": "**this service**",
+        "service-cross": "this service, readers on a 2nd instance (CPU of both)",
+        **peers["labels"],
+    }
     lines = [
         "",
         f"Peers on the same relay workload, interleaved in this run ({runs} round(s), medians; drivers from "
@@ -179,8 +183,9 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
         shape = f"{workload['channels']:.0f} × {workload['tps']:g} tok/s × {workload['tokens']}"
         for name, got in systems.items():
             relay, with_redis = got.get("tokens_per_cpu_s"), got.get("tokens_per_cpu_s_with_redis")
-            ratio = "" if name == "service" else _over(ours.get("tokens_per_cpu_s"), relay)
-            ratio_redis = "" if name == "service" else _over(ours.get("tokens_per_cpu_s_with_redis"), with_redis)
+            ours_ = name.startswith("service")
+            ratio = "" if ours_ else _over(ours.get("tokens_per_cpu_s"), relay)
+            ratio_redis = "" if ours_ else _over(ours.get("tokens_per_cpu_s_with_redis"), with_redis)
             wrong = got.get("lost", 0) + got.get("duplicates", 0)
             lines.append(
                 f"| {shape} | {labels.get(name, name)} | {_fmt(relay)} | {ratio} | {_fmt(with_redis)} | {ratio_redis} "

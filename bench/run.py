@@ -258,7 +258,9 @@ async def _peers(
         answer_s = config.peer_tokens / config.peer_tps
         warm = min(1.0, answer_s / 4)
         seconds = max(warm + 1.0, answer_s - 1.0)
-        each: dict[str, list[dict[str, Any]]] = {"service": [], **{peer.name: [] for peer in present}}
+        each: dict[str, list[dict[str, Any]]] = {
+            "service": [], "service-cross": [], **{peer.name: [] for peer in present}
+        }  # fmt: skip
         for round_ in range(config.runs):
             where = f"  peers: {channels:.0f} × {config.peer_tps:g} tok/s, round {round_ + 1}/{config.runs}"
             _log(f"{where}: service")
@@ -267,6 +269,15 @@ async def _peers(
                     env, server, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
                 )
             each["service"].append(_service_figures(step))
+            _log(f"{where}: service, each reader on a second instance")
+            with (
+                _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server,
+                _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as reader,
+            ):
+                step = await scenarios.relay_step_across(
+                    env, server, reader, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
+                )
+            each["service-cross"].append(_service_figures(step))
             for peer in present:
                 _log(f"{where}: {peer.name}")
                 try:

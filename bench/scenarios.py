@@ -58,11 +58,12 @@ class Counters:
     env: Env
     server: Server
     start: dict[str, Any] = field(default_factory=dict)
+    also: tuple[Server, ...] = ()  # more service processes whose CPU counts (readers on another instance)
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "t": time.monotonic(),
-            "cpu": self.server.cpu_seconds(),
+            "cpu": self.server.cpu_seconds() + sum(s.cpu_seconds() for s in self.also),
             "load_cpu": time.process_time() + self.env.upstream.cpu_seconds() + self.env.redis.cpu_seconds(),
             "redis_cpu": self.env.redis.cpu_seconds(),
             "cmds": self.env.redis.commands(),
@@ -179,21 +180,23 @@ class _Relay:
                 self.events_in_window += 1
 
 
-async def _relay_session(env: Env, server: Server, script: Script, at: float, stats: _Relay) -> None:
+async def _relay_session(
+    env: Env, server: Server, script: Script, at: float, stats: _Relay, reader: Server | None = None
+) -> None:
     await asyncio.sleep(max(0.0, at - time.monotonic()))
     try:
         # An answer that is not over 30 s after its last token was due counts as failed.
         async with asyncio.timeout(script.tokens / script.rate + 30):
-            await _relay_answer(env, server, script, stats)
+            await _relay_answer(env, server, script, stats, reader or server)
     except (aiohttp.ClientError, client.RequestFailed, OSError, TimeoutError) as exc:
         stats.errors += 1
         env.log(f"    relay session failed: {exc!r}")
 
 
-async def _relay_answer(env: Env, server: Server, script: Script, stats: _Relay) -> None:
+async def _relay_answer(env: Env, server: Server, script: Script, stats: _Relay, reader: Server) -> None:
     sid = await client.start(env.http, server.url, script)
     seen = 0
-    async with client.events_request(env.http, server.url, sid) as response:
+    async with client.events_request(env.http, reader.url, sid) as response:
         async for received, got in client.frames(response):
             stats.take(received, got)
             seen += sum(len(f.text().split()) for f in got if f.event == "token")
@@ -205,9 +208,18 @@ async def _relay_answer(env: Env, server: Server, script: Script, stats: _Relay)
 async def relay_step(
     env: Env, server: Server, *, rate: float, per_session: float, seconds: float, warm: float
 ) -> dict[str, Any]:
+    """Offer `rate` tokens/s as rate/per_session concurrent answers for `seconds`; see `relay_step_across`."""
+    return await relay_step_across(env, server, None, rate=rate, per_session=per_session, seconds=seconds, warm=warm)
+
+
+async def relay_step_across(
+    env: Env, server: Server, reader: Server | None, *, rate: float, per_session: float, seconds: float, warm: float
+) -> dict[str, Any]:
     """Offer `rate` tokens/s as rate/per_session concurrent answers for `seconds`; measure after `warm`.
 
-    The answers start evenly over the first second (or `warm`, if shorter), at fixed times.
+    The answers start evenly over the first second (or `warm`, if shorter), at fixed times. With a
+    `reader`, each answer is produced by `server` and read from `reader` (another instance on the same
+    Redis); the CPU of both counts.
     """
     ramp = min(1.0, warm)
     sessions = max(1, round(rate / per_session))
@@ -217,9 +229,9 @@ async def relay_step(
     t0 = time.monotonic() + 0.2
     w0, w1 = t0 + ramp + warm, t0 + ramp + seconds
     stats.window = (int(w0 * 1e9), int(w1 * 1e9))
-    counters = Counters(env, server)
+    counters = Counters(env, server, also=() if reader is None else (reader,))
     tasks = [
-        asyncio.create_task(_relay_session(env, server, script, t0 + ramp * i / sessions, stats))
+        asyncio.create_task(_relay_session(env, server, script, t0 + ramp * i / sessions, stats, reader))
         for i in range(sessions)
     ]
     await asyncio.sleep(w0 - time.monotonic())
