@@ -136,6 +136,29 @@ class EventStream(web.StreamResponse):
             self._abort()
             raise
 
+    def send_now(self, data: bytes) -> bool:
+        """Write pre-encoded bytes without waiting, or return False: the socket's buffer is full, or it closed.
+
+        The hub calls this for each reader of a live entry (`hub.Subscriber.direct`), so it writes the
+        HTTP/1.1 chunk to the transport itself: one `transport.write`, not aiohttp's awaited write path.
+        Only whole chunks are ever written, by this and by aiohttp, so the two cannot interleave badly;
+        the headers went out with the stream's first write (its `retry:` line), before any call here.
+        """
+        request = self._req
+        transport = None if request is None else request.transport
+        writer = self._payload_writer
+        if (
+            request is None
+            or transport is None
+            or transport.is_closing()
+            or request.protocol.writing_paused
+            or not isinstance(writer, StreamWriter)
+            or self._eof_sent
+        ):
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if writer.chunked else data)
+        return True
+
     async def beat(self, now: float) -> None:
         """Called by `Heartbeats`: write a heartbeat without waiting, or end a stream whose peer is gone."""
         request = self._req

@@ -37,7 +37,13 @@ Frames = list[tuple[Event, bytes]]
 
 @dataclass(eq=False, slots=True)
 class Subscriber:
-    """One open event stream: batches the hub read for it, each with the id it was read after."""
+    """One open event stream: batches the hub read for it, each with the id it was read after.
+
+    While its handler waits in `Hub.next_batch` with nothing queued, `direct` (set by the handler) writes
+    the frames of non-terminal events straight into its socket: a live entry costs each reader one
+    transport write, not a wake-up of its task. `direct` returns False when it cannot write at once (the
+    socket's buffer is full, or it is closing); the frames are queued for the handler instead.
+    """
 
     session_id: str
     last_id: tuple[int, int]
@@ -46,8 +52,19 @@ class Subscriber:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     behind: bool = False
     closed: bool = False
+    direct: Callable[[bytes, int], bool] | None = None
+    last_sent: str = ""  # the id of the last event written by `direct`, once it has written one
 
     def offer(self, read_after: tuple[int, int], frames: Frames, limit: int) -> None:
+        if (
+            self.direct is not None
+            and not self.pending
+            and not self.behind
+            and not self.closed
+            and read_after <= self.last_id
+            and self._write_now(frames)
+        ):
+            return
         if self.queued + len(frames) > limit:
             # A slow reader re-reads from Redis instead of growing memory without bound.
             self.behind = True
@@ -57,6 +74,21 @@ class Subscriber:
             self.pending.append((read_after, frames))
             self.queued += len(frames)
         self.wake.set()
+
+    def _write_now(self, frames: Frames) -> bool:
+        """Write the frames after `last_id` at once, unless one is terminal (the handler ends the stream)."""
+        fresh = [item for item in frames if events.parse_event_id(item[0].id) > self.last_id]
+        if not fresh:
+            return True  # all seen already
+        if any(event.terminal for event, _ in fresh) or self.direct is None:
+            return False
+        data = fresh[0][1] if len(fresh) == 1 else b"".join(framed for _, framed in fresh)
+        if not self.direct(data, len(fresh)):
+            return False
+        last = fresh[-1][0].id
+        self.last_id = events.parse_event_id(last)
+        self.last_sent = last
+        return True
 
 
 @dataclass(eq=False, slots=True)

@@ -122,6 +122,14 @@ async def _respond(
         await response.send(events.retry_field(settings.sse_retry_ms))
         last = resume or "0-0"
         batch = [(event, events.frame(event)) for event in backlog]
+        events_sent = metrics.events_sent
+
+        def direct(data: bytes, count: int) -> bool:
+            if not response.send_now(data):
+                return False
+            events_sent.inc(count)
+            return True
+
         while True:
             if batch:
                 ended = await _send(response, batch, metrics)
@@ -130,7 +138,15 @@ async def _respond(
                 if ended:
                     break
             hub.caught_up(hub_sub, last)
-            batch = await hub.next_batch(hub_sub)
+            # While this handler waits with nothing queued, the hub writes live entries itself (`direct`);
+            # it is off whenever the handler writes or reads, so writes keep the stream's order.
+            hub_sub.direct = direct
+            try:
+                batch = await hub.next_batch(hub_sub)
+            finally:
+                hub_sub.direct = None
+            if hub_sub.last_sent and events.parse_event_id(hub_sub.last_sent) > events.parse_event_id(last):
+                last = hub_sub.last_sent
             if not batch:  # the reader fell behind the hub's queue: read the rest from the stream
                 batch = [(e, events.frame(e)) for e in await store.read_from(hub_sub.session_id, "(" + last)]
     except StreamClosed:
