@@ -53,6 +53,8 @@ async def test_reader_behind_the_hub_cursor_is_told_to_reread(parts: tuple[Store
             hub.caught_up(second, backlog_second[-1].id)  # the later reader catches up first
             first.last_id = events.parse_event_id(early[-1])
             hub.caught_up(first, early[-1])
+            written: list[bytes] = []
+            first.direct = lambda data, count: written.append(data) is None  # as if waiting in next_batch
             live = [await append(store, sid, f"v{i}") for i in range(2)]
             got_second = await asyncio.wait_for(hub.next_batch(second), 5)
             while len(got_second) < len(live):
@@ -62,5 +64,52 @@ async def test_reader_behind_the_hub_cursor_is_told_to_reread(parts: tuple[Store
             # reader never received: it must be told to re-read, not be handed the live events.
             got_first = await asyncio.wait_for(hub.next_batch(first), 5)
             assert got_first == [], f"handed {[e.id for e, _ in got_first]} across a gap of {missed}"
+            assert written == [], "live events written straight into the socket across the gap"
             reread = await store.read_from(sid, "(" + early[-1])
             assert [e.id for e in reread] == missed + live
+
+
+async def test_direct_writes_and_queued_batches_together_keep_the_order(parts: tuple[Store, Hub]) -> None:
+    """Live entries written straight into a reader's socket, or queued when it cannot take them at once
+    (its buffer full: every third write refused here), reach the reader once each and in order."""
+    store, hub = parts
+    store.on_entry = hub.entry  # as the app wires it: this process's appends reach its hub directly
+    sid = "D" * 22
+    await store.create_session(sid, "C" * 22, "hello")
+    got: list[str] = []
+    refused = 0
+
+    def direct(data: bytes, count: int) -> bool:
+        nonlocal refused
+        if (len(got) + refused) % 3 == 2:
+            refused += 1
+            return False
+        ids = [line[4:].decode() for line in data.split(events.SEP) if line.startswith(b"id: ")]
+        assert len(ids) == count
+        got.extend(ids)
+        return True
+
+    async with hub.subscribe(sid, (0, 0)) as sub:
+        hub.caught_up(sub, "0-0")
+
+        async def handler() -> None:  # what sse._respond does around next_batch
+            while True:
+                sub.direct = direct
+                try:
+                    batch = await hub.next_batch(sub)
+                finally:
+                    sub.direct = None
+                got.extend(event.id for event, _ in batch)
+                if batch and batch[-1][0].terminal:
+                    return
+
+        reading = asyncio.create_task(handler())
+        appended = []
+        for i in range(60):
+            appended.append(await append(store, sid, f"w{i} "))
+            if i % 7 == 0:
+                await asyncio.sleep(0.01)  # let some entries go one by one, others pile up
+        end = await store.append(sid, events.DONE, events.done_data("stop"), terminal_status="done")
+        await asyncio.wait_for(reading, 5)
+    assert refused > 5
+    assert got == [*appended, end.id]

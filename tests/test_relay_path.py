@@ -16,10 +16,12 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.app import create_app
+from chatbot.providers import Finish
 from chatbot.settings import Settings
 from tests.conftest import close_promptly, make_settings
 from tests.helpers import assert_well_formed, create_session, read_stream, text_of
 from tests.oracle import BurstyDemo, expected_text
+from tests.sse import SSEParser
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -79,3 +81,52 @@ async def test_readers_in_another_process_get_entries_from_their_notices(redis_u
         await close_promptly(reader)
         await close_promptly(producer)
     assert reads <= READERS * READS_PER_READER, f"{reads} stream reads for {READERS} readers"
+
+
+class _Bulky:
+    """An answer far larger than the sockets' buffers, as fast as it can go: a reader that pauses makes the
+    server's socket full, so its entries must wait in the queue instead of being written straight away."""
+
+    name = "bulky"
+    PIECES = 600
+    PIECE = 65_536
+
+    def text(self) -> str:
+        return "".join(self._piece(i) for i in range(self.PIECES))
+
+    def _piece(self, i: int) -> str:
+        return f"{i:05d}" + "x" * (self.PIECE - 6) + " "
+
+    async def stream(self, messages: Any) -> Any:
+        for i in range(self.PIECES):
+            yield self._piece(i)
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        yield Finish("stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_reader_that_stops_reading_then_goes_on_gets_every_byte_once(redis_url: str) -> None:
+    bulky = _Bulky()
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(make_settings("redis", redis_url), provider=bulky)))
+    await client.start_server()
+    try:
+        sid = (await create_session(client, "a long one"))["id"]
+        prompt = asyncio.create_task(read_stream(client, sid))  # keeps up
+        async with client.get(f"/events/{sid}") as resp:
+            parser = SSEParser()
+            seen = parser.feed(await resp.content.readany())
+            await asyncio.sleep(2.0)  # stops reading: its socket and the server's fill up
+            while not (seen and seen[-1].type in ("done", "error")):
+                chunk = await resp.content.readany()
+                assert chunk, "the stream ended without its terminal event"
+                seen += parser.feed(chunk)
+        assert_well_formed(seen)
+        assert seen[-1].type == "done"
+        assert text_of(seen) == bulky.text()
+        fast = await prompt
+        assert text_of(fast.events) == bulky.text()
+    finally:
+        await close_promptly(client)
