@@ -54,7 +54,12 @@ async def test_reader_behind_the_hub_cursor_is_told_to_reread(parts: tuple[Store
             first.last_id = events.parse_event_id(early[-1])
             hub.caught_up(first, early[-1])
             written: list[bytes] = []
-            first.direct = lambda data, count: written.append(data) is None  # as if waiting in next_batch
+
+            def record(data: bytes, count: int) -> bool:
+                written.append(data)
+                return True
+
+            first.direct = record  # as if its handler waited in next_batch
             live = [await append(store, sid, f"v{i}") for i in range(2)]
             got_second = await asyncio.wait_for(hub.next_batch(second), 5)
             while len(got_second) < len(live):
