@@ -295,6 +295,8 @@ async def test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_e
     await tokens_seen(followers[0], 10)
     owner = master_of(cluster, sid)
     replica = replica_of(cluster, owner)
+    # The premise: the replica holds the session and its first entries (what it loses is the tail only).
+    await asyncio.to_thread(holds_session, replica, sid, entries=10)
     with replica.client() as client:
         # The replica cannot resync once cut off, so what the master acknowledges next is never replicated.
         client.config_set("masterauth", "not-the-password")
@@ -319,6 +321,21 @@ async def test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_e
     assert final["status"] == "failed"
     # the store no longer has the text the readers saw last; they were told so
     assert len(final["text"]) < len(text_of(followers[0].events))
+
+
+def holds_session(replica: ClusterNode, session_id: str, *, entries: int, timeout: float = 10.0) -> None:
+    """Wait until the replica (read with READONLY) has the session's meta hash and `entries` stream entries."""
+    deadline = time.monotonic() + timeout
+    with replica.client() as client:
+        client.execute_command("READONLY")
+        while True:
+            meta = client.exists(f"chatbot:{{{session_id}}}:meta")
+            length = client.xlen(f"chatbot:{{{session_id}}}:events")
+            if meta and length >= entries:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica {replica.port} holds meta={meta}, {length} entries of {session_id}")
+            time.sleep(0.05)  # replication has no event a client can await
 
 
 def replica_of(cluster: Cluster, master: ClusterNode) -> ClusterNode:
