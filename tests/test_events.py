@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatbot import events
 from chatbot.events import Event
@@ -102,3 +104,11 @@ def test_malformed_event_ids_are_refused(raw: str) -> None:
 def test_event_ids_compare_numerically() -> None:
     assert events.parse_event_id("10-0") > events.parse_event_id("9-5")
     assert events.parse_event_id("9-10") > events.parse_event_id("9-9")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text())
+def test_token_and_reasoning_data_are_the_json_of_their_text(text: str) -> None:
+    expected = json.dumps({"text": text}, ensure_ascii=False, separators=(",", ":"))
+    assert events.token_data(text) == expected == events.reasoning_data(text)
+    assert json.loads(expected) == {"text": text}
