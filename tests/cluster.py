@@ -91,6 +91,7 @@ class Cluster:
         for _ in range(self.size):
             server = RedisServer(
                 _cluster_port(),
+                log=True,
                 extra=["--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                        "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0",
                        # replicas in sync at once, not after the default 5 s wait for more replicas
@@ -195,6 +196,14 @@ class Cluster:
             if node.server.proc is None or node.server.proc.poll() is not None:
                 node.server.start()
         self.wait_healthy()
+
+    def logs(self, lines: int = 80) -> str:
+        """The end of every node's log, for the report of a failed test."""
+        live = {node.port for node in self.live_nodes()}
+        return "\n".join(
+            f"--- node 127.0.0.1:{node.port} ({'up' if node.port in live else 'down'})\n{node.server.log_tail(lines)}"
+            for node in self.nodes
+        )
 
     def stop(self) -> None:
         for node in self.nodes:
