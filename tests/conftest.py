@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # A test that failed on the Redis Cluster reports what its nodes logged: roles, syncs, failovers.
+    report = yield
+    cluster = getattr(item, "funcargs", {}).get("redis_cluster")
+    if report.failed and cluster is not None:
+        report.sections.append(("Redis Cluster node logs", cluster.logs()))
+    return report
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,13 +78,17 @@ def free_port() -> int:
 class RedisServer:
     """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
-    def __init__(self, port: int | None = None, *, appendonly: bool = False, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, appendonly: bool = False, extra: list[str] | None = None, log: bool = False
+    ) -> None:
         self.appendonly = appendonly
         self.extra = extra or []
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="chatbot-redis-")
+        # The server's log, kept across restarts, if asked for; otherwise it goes nowhere.
+        self.log = Path(self._dir) / "redis.log" if log else None
 
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
@@ -92,6 +108,7 @@ class RedisServer:
                 self._dir,
                 "--maxclients",
                 "4000",
+                *(["--logfile", str(self.log)] if self.log else []),
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -116,6 +133,12 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def log_tail(self, lines: int) -> str:
+        """The last lines of the server's log, if it keeps one."""
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def restart(self, down_seconds: float = 0.0) -> None:
         """SHUTDOWN (which writes the append-only file, if any), stay down `down_seconds`, start on the same port."""

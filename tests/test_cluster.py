@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 import redis
 
+from chatbot.events import parse_event_id
 from chatbot.providers.demo import demo_answer
 from tests.cluster import Cluster, ClusterNode
 from tests.conftest import free_port, serve_env
@@ -288,22 +289,28 @@ async def test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_e
 ) -> None:
     # A lease longer than the failover: otherwise its copy on the replica may lapse first, and the readers'
     # sweep ends the session with producer_lost (as retryable) before the producer's next append notices.
-    instance = await instances.start(**{**PACED_ENV, "CHATBOT_LEASE_TTL_SECONDS": "30"})
+    # An answer long enough that its producer still writes when the master dies, however late the readers are.
+    env = {**PACED_ENV, "CHATBOT_LEASE_TTL_SECONDS": "30", "CHATBOT_DEMO_ANSWER_TOKENS": "400"}
+    instance = await instances.start(**env)
     sid = await post(http, instance, "lose the tail")
     followers = [Follower(instance.url, sid) for _ in range(2)]
     tasks = [asyncio.create_task(f.run(http, deadline_s=60)) for f in followers]
     await tokens_seen(followers[0], 10)
     owner = master_of(cluster, sid)
     replica = replica_of(cluster, owner)
-    # The premise: the replica holds the session and its first entries (what it loses is the tail only).
-    await asyncio.to_thread(holds_session, replica, sid, entries=10)
+    # The replica that takes over holds the session so far: what it lacks afterwards is only the tail.
+    await asyncio.to_thread(wait_replicated, owner, replica, sid)
     with replica.client() as client:
         # The replica cannot resync once cut off, so what the master acknowledges next is never replicated.
         client.config_set("masterauth", "not-the-password")
     with owner.client() as client:
         client.client_kill_filter(_type="replica")
-    seen = sum(e.type == "token" for e in followers[0].events)
-    await tokens_seen(followers[0], seen + 10)
+    kept = await asyncio.to_thread(last_id_once_cut_off, replica, sid)
+    # The readers see entries that only the master holds (what they see lags what is written, so counting
+    # the tokens they see after the cut proves nothing), and the answer is still being written.
+    await seen_after(followers[0], kept, 3)
+    with owner.client() as client:
+        assert client.hget(f"chatbot:{{{sid}}}:meta", "status") == "streaming", "the answer ended before the failover"
     owner.server.stop()  # SIGKILL: the replica that takes over lacks the last entries
     killed = time.monotonic()
     try:
@@ -323,29 +330,57 @@ async def test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_e
     assert len(final["text"]) < len(text_of(followers[0].events))
 
 
-def holds_session(replica: ClusterNode, session_id: str, *, entries: int, timeout: float = 10.0) -> None:
-    """Wait until the replica (read with READONLY) has the session's meta hash and `entries` stream entries."""
-    deadline = time.monotonic() + timeout
-    with replica.client() as client:
-        client.execute_command("READONLY")
-        while True:
-            meta = client.exists(f"chatbot:{{{session_id}}}:meta")
-            length = client.xlen(f"chatbot:{{{session_id}}}:events")
-            if meta and length >= entries:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"replica {replica.port} holds meta={meta}, {length} entries of {session_id}")
-            time.sleep(0.05)  # replication has no event a client can await
-
-
 def replica_of(cluster: Cluster, master: ClusterNode) -> ClusterNode:
-    master_id = master.node_id()
-    for node in cluster.live_nodes():
-        with node.client() as client:
-            info = client.info("replication")
-        if info["role"] == "slave" and info.get("master_port") == master.port:
-            return node
-    raise AssertionError(f"no replica of {master_id}")
+    """The master's only replica: the node that takes over when the master fails."""
+    replicas = [
+        node
+        for node in cluster.live_nodes()
+        if (info := node.replication())["role"] == "slave" and info.get("master_port") == master.port
+    ]
+    assert len(replicas) == 1, f"{master.port} has replicas {[node.port for node in replicas]}, not one"
+    assert int(master.replication()["connected_slaves"]) == 1, master.replication()
+    return replicas[0]
+
+
+REPLICATED_WITHIN_S = 10.0
+
+
+def wait_replicated(master: ClusterNode, replica: ClusterNode, session_id: str) -> None:
+    """Until the replica's link is up, it has caught up with the master, and it holds the session's meta and events."""
+    meta, stream = f"chatbot:{{{session_id}}}:meta", f"chatbot:{{{session_id}}}:events"
+    deadline = time.monotonic() + REPLICATED_WITHIN_S
+    while True:
+        offset = int(master.replication()["master_repl_offset"])
+        info = replica.replication()
+        status, length = replica.read_local(("HGET", meta, "status"), ("XLEN", stream))
+        if (
+            info.get("master_link_status") == "up"
+            and int(info["slave_repl_offset"]) >= offset
+            and status is not None
+            and int(length) > 0
+        ):
+            return
+        assert time.monotonic() < deadline, f"replica {replica.port} never held session {session_id}: {info}"
+        time.sleep(0.05)  # replication has no event to await
+
+
+def last_id_once_cut_off(replica: ClusterNode, session_id: str) -> str:
+    """The id of the last event the replica holds, once its link to its master is down: it gets no more."""
+    deadline = time.monotonic() + REPLICATED_WITHIN_S
+    while replica.replication().get("master_link_status") != "down":
+        assert time.monotonic() < deadline, f"replica {replica.port} is still linked to its master"
+        time.sleep(0.05)
+    (last,) = replica.read_local(("XREVRANGE", f"chatbot:{{{session_id}}}:events", "+", "-", "COUNT", 1))
+    assert last, f"replica {replica.port} holds no event of {session_id}"
+    return str(last[0][0])
+
+
+async def seen_after(follower: Follower, event_id: str, count: int) -> None:
+    """Until the follower has seen `count` events after `event_id`."""
+    after = parse_event_id(event_id)
+    while sum(parse_event_id(e.id) > after for e in follower.events if e.id) < count:
+        follower.progress.clear()
+        await asyncio.wait_for(follower.progress.wait(), 10)
 
 
 async def test_slot_migration_of_a_live_session_with_readers_attached(
