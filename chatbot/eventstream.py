@@ -61,9 +61,6 @@ class Heartbeats:
             self._task.cancel()
             await asyncio.wait({self._task})
 
-    def __len__(self) -> int:
-        return len(self._streams)
-
     def add(self, stream: EventStream) -> None:
         self._streams.add(stream)
 
