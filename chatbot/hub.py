@@ -1,8 +1,9 @@
-"""The per-process reader: one pub/sub connection and batched reads serve every open event stream.
+"""The per-process reader: every open event stream of this process is served from here.
 
-Pub/sub is only a wake-up hint. The data always comes from the stream itself,
-and every (re)subscribe is followed by a re-read, so a lost notice delays
-nothing for longer than a reconnect.
+A live entry arrives with its append (produced here) or in its notice (produced elsewhere), each with the
+id before it; it is delivered only if that id is the session's cursor, and otherwise the stream itself is
+read (pipelined over all sessions that need it). Every (re)subscribe is followed by a re-read, so a lost
+notice delays nothing for longer than a reconnect; nothing is ever taken from a notice across a gap.
 """
 
 from __future__ import annotations
