@@ -188,6 +188,17 @@ async def ask(page: Any, question: str) -> str:
     return session_id
 
 
+# Installs a recorder of everything the widget's status region announces, in `window.__said`.
+WATCH_JS = """async () => {
+  let host;
+  while (!(host = document.querySelector(".chatbot-widget-host"))) await new Promise((r) => setTimeout(r, 20));
+  const status = host.shadowRoot.querySelector('[role="status"]');
+  window.__said = [];
+  new MutationObserver(() => status.textContent && window.__said.push(status.textContent))
+    .observe(status, {childList: true, characterData: true, subtree: true});
+}"""
+
+
 async def wait_status(page: Any, session_id: str, *statuses: str, within_ms: float = 15_000) -> None:
     selector = ", ".join(
         f'[data-testid="assistant-message"][data-session-id="{session_id}"][data-status="{s}"]' for s in statuses

@@ -20,7 +20,7 @@ from chatbot.events import Event, done_data, error_data, frame, retry_field, tok
 from chatbot.settings import Settings
 from chatbot.web import WEB_ROOT, setup_web
 
-from .conftest import ask, screenshot, shown_text, wait_status
+from .conftest import WATCH_JS, ask, screenshot, shown_text, wait_status
 
 ANSWER = "The answer, with **markdown**."
 REASONING = ["First I look at the question. ", "Then I <b>check</b> sources."]
@@ -93,16 +93,6 @@ async def fake() -> AsyncIterator[Callable[[], Awaitable[TestServer]]]:
     yield start
     for server in servers:
         await server.close()
-
-
-WATCH_JS = """async () => {
-  let host;
-  while (!(host = document.querySelector(".chatbot-widget-host"))) await new Promise((r) => setTimeout(r, 20));
-  const status = host.shadowRoot.querySelector('[role="status"]');
-  window.__said = [];
-  new MutationObserver(() => status.textContent && window.__said.push(status.textContent))
-    .observe(status, {childList: true, characterData: true, subtree: true});
-}"""
 
 
 async def test_reasoning_folds_above_and_sources_link_below(fake: Any, page: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Service, StartService, normalized, screenshot, shown_text, wait_status
+from .conftest import WATCH_JS, Service, StartService, normalized, screenshot, shown_text, wait_status
 
 SEED_JS = """([key, turns]) => {
   const messages = [];
@@ -22,16 +22,7 @@ SEED_JS = """([key, turns]) => {
   localStorage.setItem(key, JSON.stringify({conversationId: null, open: true, messages}));
 }"""
 
-# What each tab announced, and where its reader was.
-WATCH_JS = """async () => {
-  let host;
-  while (!(host = document.querySelector(".chatbot-widget-host"))) await new Promise((r) => setTimeout(r, 20));
-  const status = host.shadowRoot.querySelector('[role="status"]');
-  window.__said = [];
-  new MutationObserver(() => status.textContent && window.__said.push(status.textContent))
-    .observe(status, {childList: true, characterData: true, subtree: true});
-}"""
-
+# Where each tab's reader was (what it announced: WATCH_JS).
 TAB_ROLE_JS = '() => document.querySelector(".chatbot-widget-host")?.dataset.tab || ""'
 SCROLL_JS = '() => document.querySelector(".chatbot-widget-host").shadowRoot.querySelector(".log").scrollTop'
 AT_BOTTOM_JS = """() => {
