@@ -58,6 +58,7 @@ class _Writer:
         self._kind = events.TOKEN  # the kind of the run in _pending
         self._pending: list[str] = []
         self._runs: list[tuple[str, str]] = []  # closed runs before _pending: (event, text)
+        self._in_doubt = False  # _runs[0] is an entry whose append may have landed: it goes again as it was
         self._pieces = 0  # provider deltas waiting, for the tokens-relayed counter
         self._flying = False  # queued for, or inside, a batch
         self._idle = asyncio.Event()
@@ -98,16 +99,18 @@ class _Writer:
     def take(self) -> tuple[list[tuple[str, str]], int]:
         """The next entry, as [(event, text)], and how many deltas it joins; called by the batcher.
 
-        One entry per session per batch: on a cluster the store checks each append against the session's
-        last id, which a second entry in the same round trip could not know. Runs of one kind join.
+        One entry per session per batch: the store checks each append against the session's last id, which a
+        second entry in the same round trip could not know. Runs of one kind join, except an entry in doubt:
+        the store recognises a retry only if it carries the same event and data as the try that landed.
         """
         self._switch(self._kind)
         kind, text = self._runs[0]
         joined = 1
-        while joined < len(self._runs) and self._runs[joined][0] == kind:
+        while not self._in_doubt and joined < len(self._runs) and self._runs[joined][0] == kind:
             text += self._runs[joined][1]
             joined += 1
         del self._runs[:joined]
+        self._in_doubt = False
         pieces, self._pieces = self._pieces, 0
         return [(kind, text)], pieces
 
@@ -146,6 +149,7 @@ class _Writer:
             self._fail(exc)
             return False
         self._runs[:0] = entries
+        self._in_doubt = True
         self._pieces += pieces
         return True
 
@@ -515,7 +519,7 @@ class Producers:
         if not text or conversation_id is None:
             return  # an answer with no text teaches the next turn nothing, and some APIs reject it
         try:
-            await self._store.append_turn(conversation_id, history.Turn(message, text))
+            await self._store.append_turn(conversation_id, writer.sid, history.Turn(message, text))
         except (RedisError, OSError) as exc:
             log.warning("conversation %s: history not saved: %s", conversation_id, exc)
 

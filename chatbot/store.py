@@ -54,96 +54,129 @@ TERMINAL_STATUSES = frozenset({"done", "cancelled", "failed"})
 # Seconds a request waits for a free pooled connection before the store counts as unavailable.
 POOL_WAIT_SECONDS = 5.0
 
-# KEYS: stream, meta, lease.
-# ARGV: event, data, maxlen, terminal status or "", ttl, channel, expected last id, previous id.
-# Appends unless the session is gone or already ended; returns {"ok", id, cancel flag}.
-# The notice is the entry itself when the caller knows the id before it ("<previous>\n<id>\n<event>\n<data>",
-# see `Notice`), so that a reader elsewhere needs no read; else only the new id.
-# With an expected last id (cluster mode: the id of this producer's previous entry), a stream whose last entry
-# differs lost its tail in a failover: the session ends with a retryable error placed after every id a reader
-# may hold (at least the expected id + 1 ms, and not before the server's clock), and the reply is {"lost"}.
-_APPEND = """
-local state = redis.call('HMGET', KEYS[2], 'status', 'cancel')
-local status = state[1]
-if not status then return {'gone'} end
-if status == 'done' or status == 'cancelled' or status == 'failed' then return {'ended'} end
-if ARGV[7] ~= '' then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  if not top[1] or top[1][1] ~= ARGV[7] then
-    local now = redis.call('TIME')
-    local after = tonumber(string.match(ARGV[7], '^(%d+)')) + 1
-    local at = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), after)
-    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], string.format('%.0f-0', at), 'e', 'error',
-      'd', [==[LOST_TAIL_ERROR]==])
-    redis.call('HSET', KEYS[2], 'status', 'failed', 'terminal_id', id)
-    redis.call('EXPIRE', KEYS[1], ARGV[5])
-    redis.call('EXPIRE', KEYS[2], ARGV[5])
-    redis.call('DEL', KEYS[3])
-    redis.call('PUBLISH', ARGV[6], id)
-    return {'lost', id}
+# The producer's appends, shared by _APPEND and _APPEND_MANY as Lua functions.
+#
+# Every append names the id it expects the stream to end with: this producer's last acknowledged entry ("0-0"
+# before its first). That makes a retry safe. Redis may run a script and then lose its reply (it died, or the
+# connection dropped, after the append-only file had the entry); the client and the producer then send the
+# same append again. When the stream ends one entry past the expected id, with an entry equal to this one,
+# that entry is this append's own earlier try: its id is the answer and nothing is added. Any other tail
+# means the store lost entries a reader may have seen (a failover, or a restart that dropped the last
+# writes): the session ends with a retryable error placed after every id a reader may hold (at least the
+# expected id + 1 ms, and not before the server's clock), and the answer is {"lost", id}.
+#
+# append(stream, meta, lease, event, data, maxlen, terminal status or "", ttl, channel, expected id) returns
+# {"ok", id, cancel flag}, {"ended"}, {"gone"} or {"lost", id}. The notice published on `channel` is the entry
+# itself ("<expected>\n<id>\n<event>\n<data>", see `Notice`), so a reader elsewhere needs no read; with no
+# expected id (a producer that does not know its last id) there is no check and the notice is the bare id.
+_APPEND_LUA = """
+local function is_ended(status)
+  return status == 'done' or status == 'cancelled' or status == 'failed'
+end
+
+local function earlier_try(stream, expected, event, data)
+  local got
+  if expected == '0-0' then
+    got = redis.call('XRANGE', stream, '-', '+', 'COUNT', 2)
+  else
+    got = redis.call('XRANGE', stream, expected, '+', 'COUNT', 3)
+    if not got[1] or got[1][1] ~= expected then return nil end
+    table.remove(got, 1)
   end
+  if #got == 1 and got[1][2][2] == event and got[1][2][4] == data then return got[1][1] end
+  return nil
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[2], 'status', ARGV[4], 'terminal_id', id)
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  redis.call('DEL', KEYS[3])
-elseif status == 'queued' then
-  redis.call('HSET', KEYS[2], 'status', 'streaming')
+
+local function lose(stream, meta, lease, expected, maxlen, ttl, channel)
+  local now = redis.call('TIME')
+  local after = tonumber(string.match(expected, '^(%d+)')) + 1
+  local at = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), after)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, string.format('%.0f-0', at), 'e', 'error',
+    'd', [==[LOST_TAIL_ERROR]==])
+  redis.call('HSET', meta, 'status', 'failed', 'terminal_id', id)
+  redis.call('EXPIRE', stream, ttl)
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('DEL', lease)
+  redis.call('PUBLISH', channel, id)
+  return {'lost', id}
 end
-if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[6], ARGV[8] .. '\\n' .. id .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[2])
-else
-  redis.call('PUBLISH', ARGV[6], id)
+
+local function append(stream, meta, lease, event, data, maxlen, terminal, ttl, channel, expected)
+  local state = redis.call('HMGET', meta, 'status', 'cancel')
+  local status = state[1]
+  if not status then return {'gone'} end
+  if expected ~= '' then
+    local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+    local at_tail
+    if top then at_tail = top[1] == expected else at_tail = expected == '0-0' end
+    if not at_tail then
+      local id = earlier_try(stream, expected, event, data)
+      if id then return {'ok', id, state[2] or ''} end
+      if is_ended(status) then return {'ended'} end
+      return lose(stream, meta, lease, expected, maxlen, ttl, channel)
+    end
+  end
+  if is_ended(status) then return {'ended'} end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', event, 'd', data)
+  if terminal ~= '' then
+    redis.call('HSET', meta, 'status', terminal, 'terminal_id', id)
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', meta, ttl)
+    redis.call('DEL', lease)
+  elseif status == 'queued' then
+    redis.call('HSET', meta, 'status', 'streaming')
+  end
+  if expected ~= '' then
+    redis.call('PUBLISH', channel, expected .. '\\n' .. id .. '\\n' .. event .. '\\n' .. data)
+  else
+    redis.call('PUBLISH', channel, id)
+  end
+  return {'ok', id, state[2] or ''}
 end
-return {'ok', id, state[2] or ''}
 """.replace(
     "LOST_TAIL_ERROR",
     events.error_data(
-        "store_data_lost", "The store lost the end of this answer in a failover; ask again.", retryable=True
+        "store_data_lost",
+        "The store lost the end of this answer (a failover, or a restart); ask again.",
+        retryable=True,
     ),
+)
+
+# KEYS: stream, meta, lease.  ARGV: event, data, maxlen, terminal status or "", ttl, channel, expected id.
+_APPEND = (
+    _APPEND_LUA
+    + """
+return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+"""
+)
+
+# One Redis only (its keys span sessions, so never on a cluster): the batcher's entries in one call.
+# KEYS: stream, meta, lease of each entry in turn.  ARGV: maxlen, ttl, then event, data, channel, expected id
+# of each. Entries are never terminal. One reply per entry, as _APPEND's, or {"error", message} when a command
+# failed for that entry alone (the others stand; an entry fails before its first write or not at all).
+_APPEND_MANY = (
+    _APPEND_LUA
+    + """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local k, a = 3 * i - 2, 4 * i - 1
+  local ok, reply = pcall(append, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[1], '',
+    ARGV[2], ARGV[a + 2], ARGV[a + 3])
+  if ok then
+    out[i] = reply
+  elseif type(reply) == 'table' then
+    out[i] = {'error', tostring(reply.err)}
+  else
+    out[i] = {'error', tostring(reply)}
+  end
+end
+return out
+"""
 )
 
 # KEYS: stream, meta, lease.  ARGV: data, maxlen, ttl, channel.
 # Ends a session whose producer's lease has lapsed; a no-op if it ended or the lease is back,
 # 'gone' if the session itself vanished (expired, or Redis restarted without persistence).
-# One Redis only (its keys span sessions, so never on a cluster): the batcher's entries in one call.
-# KEYS: stream, meta of each entry in turn.  ARGV: maxlen, then event, data, channel, previous id of each.
-# Entries are never terminal. One reply per entry, as _APPEND's: {"ok", id, cancel flag}, {"ended"}, {"gone"},
-# or {"error", message} when a command failed for that entry alone (the others stand, none is half-written).
-_APPEND_MANY = """
-local out = {}
-for i = 1, #KEYS / 2 do
-  local stream, meta, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * i - 2
-  local state = redis.pcall('HMGET', meta, 'status', 'cancel')
-  local status = state[1]
-  if state.err then
-    out[i] = {'error', state.err}
-  elseif not status then
-    out[i] = {'gone'}
-  elseif status == 'done' or status == 'cancelled' or status == 'failed' then
-    out[i] = {'ended'}
-  else
-    local id = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[a], 'd', ARGV[a + 1])
-    if type(id) == 'table' then
-      out[i] = {'error', id.err}
-    else
-      if status == 'queued' then
-        redis.call('HSET', meta, 'status', 'streaming')
-      end
-      if ARGV[a + 3] ~= '' then
-        redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3] .. '\\n' .. id .. '\\n' .. ARGV[a] .. '\\n' .. ARGV[a + 1])
-      else
-        redis.call('PUBLISH', ARGV[a + 2], id)
-      end
-      out[i] = {'ok', id, state[2] or ''}
-    end
-  end
-end
-return out
-"""
-
 _FAIL_ORPHAN = """
 local status = redis.call('HGET', KEYS[2], 'status')
 if not status then return 'gone' end
@@ -204,10 +237,14 @@ return state[2] or ''
 """
 
 
-# KEYS: history.  ARGV: encoded turn, max turns, max chars, ttl.
-# Appends a turn, then drops the oldest until both caps hold; returns how many turns remain.
+# KEYS: history, conversation.  ARGV: encoded turn, max turns, max chars, ttl, session id.
+# Appends a turn, then drops the oldest until both caps hold; returns how many turns remain. The conversation
+# hash names the session whose turn went last, so a retry whose first try landed (its reply lost) adds nothing.
 _APPEND_TURN = """
+if redis.call('HGET', KEYS[2], 'last_turn') == ARGV[5] then return redis.call('LLEN', KEYS[1]) end
 redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'last_turn', ARGV[5])
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 local turns = redis.call('LRANGE', KEYS[1], 0, -1)
 local budget, keep = tonumber(ARGV[3]), 0
@@ -553,14 +590,15 @@ class Store:
         return [history.decode(item) for item in raw]
 
     @_gated
-    async def append_turn(self, conversation_id: str, turn: Turn) -> int:
-        """Add a turn, dropping the oldest beyond the turn and character caps; how many turns remain."""
+    async def append_turn(self, conversation_id: str, session_id: str, turn: Turn) -> int:
+        """Add the turn of `session_id`, dropping the oldest beyond the turn and character caps; how many turns
+        remain. Once per session: a second call for the same session (a retry) adds nothing."""
         if self._history_turns == 0 or turn.chars > self._history_chars:
             await self.redis.delete(keys.history(conversation_id))
             return 0
         kept: int = await self._append_turn(
-            keys=[keys.history(conversation_id)],
-            args=[history.encode(turn), self._history_turns, self._history_chars, self._history_ttl],
+            keys=[keys.history(conversation_id), keys.conversation(conversation_id)],
+            args=[history.encode(turn), self._history_turns, self._history_chars, self._history_ttl, session_id],
         )
         return kept
 
@@ -585,11 +623,8 @@ class Store:
         previous = self._last.get(session_id, "")
         reply: list[str] = await self._append(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
-            args=[
-                event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id),
-                self._expected_tail(session_id), previous,
-            ],
-        )  # fmt: skip
+            args=[event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id), previous],
+        )
         result = self._appended(session_id, previous, event, data, reply)
         if terminal_status:
             self._last.pop(session_id, None)
@@ -606,7 +641,7 @@ class Store:
             return await self._append_batch(self._append_many, items, previous)
         commands = [
             ("EVALSHA", self._append.sha, 3, keys.stream(sid), keys.meta(sid), keys.lease(sid),
-             event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), self._expected_tail(sid), before)
+             event, data, self._maxlen, "", self._ttl, keys.notify_channel(sid), before)
             for (sid, event, data), before in zip(items, previous, strict=True)
         ]  # fmt: skip
         replies = await self._eval_rounds(self._append, commands)
@@ -621,13 +656,13 @@ class Store:
         """One Redis: every item in one script call (one command for Redis and the client, not one per item)."""
         if not items:
             return []
-        names = [name for sid, _, _ in items for name in (keys.stream(sid), keys.meta(sid))]
+        names = [name for sid, _, _ in items for name in (keys.stream(sid), keys.meta(sid), keys.lease(sid))]
         args = [
             arg
             for (sid, event, data), before in zip(items, previous, strict=True)
             for arg in (event, data, keys.notify_channel(sid), before)
         ]
-        command = ("EVALSHA", script.sha, len(names), *names, self._maxlen, *args)
+        command = ("EVALSHA", script.sha, len(names), *names, self._maxlen, self._ttl, *args)
         (reply,) = await self._eval_rounds(script, [command])
         if isinstance(reply, Exception):
             raise reply
@@ -640,19 +675,12 @@ class Store:
         """True while a producer in this process appends to the session (from its creation to its end)."""
         return session_id in self._last
 
-    def _expected_tail(self, session_id: str) -> str:
-        """Cluster: the id the stream must end with before this producer's next entry ("" = no check)."""
-        if not self.cluster:
-            return ""
-        last = self._last.get(session_id, "")
-        return "" if last == FIRST else last
-
     def _appended(self, session_id: str, previous: str, event: str, data: str, reply: list[str]) -> AppendResult:
         result = _append_result(reply)
         if result.id is None:
             self._last.pop(session_id, None)
             if reply[0] == "lost":
-                log.warning("session %s: its stream lost entries in a failover; ended with an error", session_id)
+                log.warning("session %s: its stream lost entries (failover, restart); ended with an error", session_id)
             if reply[0] != "gone":
                 self.on_entry(session_id, "", None)
             return result
