@@ -150,24 +150,35 @@ return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARG
 """
 )
 
+
+def _lua_name(name_of: Callable[[str], str]) -> str:
+    """The Lua expression for `name_of(sid)` (a function of `keys`), for a script that builds a key itself."""
+    before, marker, after = name_of("\x00").partition("\x00")
+    if not marker or "'" in before + after or "\\" in before + after:
+        raise ValueError(f"{name_of.__name__}: not a name a Lua string can spell")
+    return f"'{before}' .. sid .. '{after}'"
+
+
 # One Redis only (its keys span sessions, so never on a cluster): the batcher's entries in one call.
-# KEYS: stream, meta, lease of each entry in turn.  ARGV: maxlen, ttl, then event, data, channel, expected id
-# of each. Entries are never terminal. One reply per entry, as _APPEND's, or {"error", message} when a command
-# failed for that entry alone (the others stand; an entry fails before its first write or not at all).
+# ARGV: maxlen, ttl, then session id, event, data, expected id of each entry. The script names each session's
+# keys itself (`keys`, as Lua expressions): three key names less to pack and send per entry.
+# Entries are never terminal. One reply per entry, as _APPEND's, or {"error", message} when a command failed
+# for that entry alone (the others stand; an entry fails before its first write or not at all).
 _APPEND_MANY = (
     _APPEND_LUA
-    + """
-local out = {}
-for i = 1, #KEYS / 3 do
-  local k, a = 3 * i - 2, 4 * i - 1
-  local ok, reply = pcall(append, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[1], '',
-    ARGV[2], ARGV[a + 2], ARGV[a + 3])
+    + f"""
+local out = {{}}
+for i = 1, (#ARGV - 2) / 4 do
+  local a = 4 * i - 1
+  local sid = ARGV[a]
+  local ok, reply = pcall(append, {_lua_name(keys.stream)}, {_lua_name(keys.meta)}, {_lua_name(keys.lease)},
+    ARGV[a + 1], ARGV[a + 2], ARGV[1], '', ARGV[2], {_lua_name(keys.notify_channel)}, ARGV[a + 3])
   if ok then
     out[i] = reply
   elseif type(reply) == 'table' then
-    out[i] = {'error', tostring(reply.err)}
+    out[i] = {{'error', tostring(reply.err)}}
   else
-    out[i] = {'error', tostring(reply)}
+    out[i] = {{'error', tostring(reply)}}
   end
 end
 return out
@@ -656,13 +667,12 @@ class Store:
         """One Redis: every item in one script call (one command for Redis and the client, not one per item)."""
         if not items:
             return []
-        names = [name for sid, _, _ in items for name in (keys.stream(sid), keys.meta(sid), keys.lease(sid))]
         args = [
             arg
             for (sid, event, data), before in zip(items, previous, strict=True)
-            for arg in (event, data, keys.notify_channel(sid), before)
+            for arg in (sid, event, data, before)
         ]
-        command = ("EVALSHA", script.sha, len(names), *names, self._maxlen, self._ttl, *args)
+        command = ("EVALSHA", script.sha, 0, self._maxlen, self._ttl, *args)
         (reply,) = await self._eval_rounds(script, [command])
         if isinstance(reply, Exception):
             raise reply
