@@ -110,6 +110,12 @@ def _log_format(raw: str) -> str:
     return raw
 
 
+def _event_loop(raw: str) -> str:
+    if raw not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(raw)
+    return raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every knob of the service; build it with `Settings.from_env()`."""
@@ -147,6 +153,7 @@ class Settings:
     max_streams: int = 20_000
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default_factory=tuple)
     log_format: str = "plain"
+    event_loop: str = "auto"  # `chatbot serve`'s loop: uvloop where it is installed (auto), or either by name
     knowledge: str = ""  # the index file `chatbot index` wrote; empty: answers are not grounded in the site
     knowledge_max_chars: int = 6000
 
@@ -238,6 +245,7 @@ class Settings:
                 env, "CHATBOT_TRUSTED_PROXIES", d.trusted_proxies, _networks, "comma-separated IP addresses or CIDRs"
             ),
             log_format=_parse(env, "CHATBOT_LOG_FORMAT", d.log_format, _log_format, "plain or json"),
+            event_loop=_parse(env, "CHATBOT_EVENT_LOOP", d.event_loop, _event_loop, "auto, uvloop or asyncio"),
             knowledge=env.get("CHATBOT_KNOWLEDGE", "").strip(),
             knowledge_max_chars=_parse(
                 env, "CHATBOT_KNOWLEDGE_MAX_CHARS", d.knowledge_max_chars, _int_in(100, 10**6), "an integer 100-1000000"

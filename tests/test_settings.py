@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from chatbot.settings import Settings, SettingsError
+from tests.conftest import ROOT, free_port
+from tests.helpers import text_of
+from tests.oracle import expected_text
+from tests.sse import SSEParser
 
 
 def test_defaults_from_empty_environment() -> None:
@@ -59,6 +66,7 @@ def test_empty_redis_url_means_embedded() -> None:
         ("CHATBOT_REDIS_CLUSTER", "yes"),
         ("CHATBOT_REASONING", "maybe"),
         ("CHATBOT_ANSWER_DEADLINE_SECONDS", "0"),
+        ("CHATBOT_EVENT_LOOP", "trio"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -82,3 +90,38 @@ def test_reasoning_and_answer_deadline_are_read() -> None:
     settings = Settings.from_env({"CHATBOT_REASONING": "hide", "CHATBOT_ANSWER_DEADLINE_SECONDS": "90"})
     assert (settings.reasoning, settings.answer_deadline_seconds) == ("hide", 90.0)
     assert (Settings().reasoning, Settings().answer_deadline_seconds) == ("show", 600.0)
+
+
+@pytest.mark.parametrize(("choice", "loop"), [(None, "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")])
+def test_serve_runs_on_the_event_loop_it_names_and_answers_on_it(choice: str | None, loop: str) -> None:
+    """`chatbot serve` says its loop at start-up (uvloop by default here) and streams a whole answer on it."""
+    port = free_port()
+    env = {**os.environ, "CHATBOT_PORT": str(port), "CHATBOT_PROVIDER": "demo", "CHATBOT_REDIS_URL": ""}
+    env["CHATBOT_DEMO_TOKENS_PER_SECOND"] = "500"
+    env.pop("CHATBOT_EVENT_LOOP", None)
+    if choice is not None:
+        env["CHATBOT_EVENT_LOOP"] = choice
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatbot", "serve"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert f"event loop {loop})" in line, line
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=10) as http:
+            for _ in range(100):
+                try:
+                    created = http.post("/sessions", json={"message": "which loop?"})
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.05)  # the port opens just after the log line
+            assert created.status_code == 201
+            events = SSEParser().feed(http.get(created.json()["events_url"]).content)
+        assert events[-1].type == "done", events[-1]
+        assert text_of(events) == expected_text("which loop?", Settings().demo_answer_tokens)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        if proc.stderr is not None:
+            proc.stderr.close()
