@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
 from redis.exceptions import RedisError
 
@@ -315,6 +315,10 @@ def _entry_data(event: str, text: str) -> str:
     return events.token_data(text) if event == events.TOKEN else events.reasoning_data(text)
 
 
+class Draining(Exception):
+    """This process is shutting down and takes no new answer."""
+
+
 class Producers:
     """This process's generation tasks, their leases and their cancellation."""
 
@@ -340,6 +344,8 @@ class Producers:
         self._on_fatal = on_fatal
         self._closing = False
         self.accepting = True
+        self._admitting = 0  # sessions between `admission()` and their spawn
+        self._admitted = asyncio.Event()  # set when _admitting falls to 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._lease_task: asyncio.Task[None] | None = None
@@ -380,13 +386,36 @@ class Producers:
         self.on_generating(session_id, True)
         task.add_done_callback(lambda _: self._forget(session_id))
 
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Around a new session's store calls and its `spawn`: raises Draining once the drain began, and
+        makes the drain wait for a session admitted before it (its client gets a 201 and an answer)."""
+        if not self.accepting:
+            raise Draining
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._admitted.set()
+
     async def drain(self, grace_seconds: float) -> None:
-        """Take no new answers and give the running ones up to `grace_seconds` to finish."""
+        """Take no new answers and give the running ones, and those being admitted, up to `grace_seconds`."""
         self.accepting = False
-        tasks = list(self._tasks.values())
-        if tasks:
-            log.info("draining %d answers for up to %.0fs", len(tasks), grace_seconds)
-            await asyncio.wait(tasks, timeout=grace_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        if self._tasks or self._admitting:
+            log.info("draining %d answers for up to %.0fs", len(self._tasks) + self._admitting, grace_seconds)
+        while (left := deadline - loop.time()) > 0:
+            if self._admitting:
+                self._admitted.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._admitted.wait(), left)
+            elif self._tasks:
+                await asyncio.wait(list(self._tasks.values()), timeout=left)
+            else:
+                return
 
     def _forget(self, session_id: str) -> None:
         self._tasks.pop(session_id, None)

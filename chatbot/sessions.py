@@ -13,6 +13,7 @@ from .appkeys import KNOWLEDGE, METRICS, PRODUCERS, SETTINGS, STORE
 from .knowledge.retriever import Retrieval
 from .limits import client_address
 from .problems import Problem
+from .producer import Draining
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -77,14 +78,27 @@ async def create(request: web.Request) -> web.Response:
     body = await _json_body(request)
     message = _message(body, request.app[SETTINGS].max_message_chars)
     conversation_id = await _conversation_id(request, body)
-    if not request.app[PRODUCERS].accepting:
+    try:
+        with request.app[PRODUCERS].admission():
+            session_id = await _start(request, body, message, conversation_id)
+    except Draining:
         raise Problem(
             503,
             "draining",
             "Service Unavailable",
             "This instance is shutting down; retry.",
             headers={"Retry-After": "1"},
-        )
+        ) from None
+    events_url = f"/events/{session_id}"
+    return web.json_response(
+        {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},
+        status=201,
+        headers={"Location": f"/sessions/{session_id}"},
+    )
+
+
+async def _start(request: web.Request, body: dict[str, Any], message: str, conversation_id: str) -> str:
+    """Store the new session and spawn its producer; its id."""
     await _rate_limit(request)
     store = request.app[STORE]
     turns = await store.history(conversation_id) if "conversation_id" in body else []
@@ -96,12 +110,7 @@ async def create(request: web.Request) -> web.Response:
     )
     sources = [] if found is None else found.sources
     request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id, sources=sources)
-    events_url = f"/events/{session_id}"
-    return web.json_response(
-        {"id": session_id, "conversation_id": conversation_id, "events_url": events_url},
-        status=201,
-        headers={"Location": f"/sessions/{session_id}"},
-    )
+    return session_id
 
 
 async def _knowledge(request: web.Request, message: str, turns: list[history.Turn]) -> Retrieval | None:

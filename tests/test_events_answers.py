@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.app import create_app
-from chatbot.appkeys import HUB
+from chatbot.appkeys import HUB, PRODUCERS
 from chatbot.web import WEB_ROOT, version
 from tests.conftest import RedisServer, close_promptly, make_settings
 from tests.helpers import (
@@ -26,10 +26,12 @@ from tests.helpers import (
     assert_problem,
     create_session,
     first_event,
+    get_session,
     metric_value,
     read_stream,
     wait_terminal,
 )
+from tests.oracle import expected_text, pause_writes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,6 +120,23 @@ async def test_draining_instance_answers_retry_and_closes(make_client: MakeClien
     async with client.get(f"/events/{sid}") as resp:
         assert resp.headers.get("Connection", "").lower() == "close"
         await assert_come_back(resp, "draining", 1.0)
+
+
+async def test_an_answer_posted_as_the_drain_begins_is_finished_not_cut(
+    make_client: MakeClient, redis_url: str
+) -> None:
+    """A POST that passed the `accepting` check, then waited on Redis while SIGTERM's drain began, still gets
+    its answer finished: the drain waits for producers that start while it waits (a rolling restart once
+    cut such an answer with `server_shutdown`)."""
+    client = await make_client(demo_tokens_per_second=200.0, demo_answer_tokens=40, shutdown_grace_seconds=10.0)
+    await pause_writes(redis_url, 0.3)  # the POST's create_session waits behind this
+    posting = asyncio.create_task(create_session(client, "Posted just in time"))
+    await asyncio.sleep(0.1)
+    await client.app[PRODUCERS].drain(10.0)
+    sid = (await posting)["id"]
+    state = await get_session(client, sid)
+    assert state["status"] == "done", state
+    assert state["text"] == expected_text("Posted just in time", 40)
 
 
 # --- final conditions keep their status ----------------------------------------------------------------
