@@ -115,7 +115,8 @@ SCENARIOS: dict[str, Scenario] = {
     "producer_lost": producer_lost,
     "server_shutdown": server_shutdown,
 }
-# Codes whose cause needs more than one store: produced for real by the named test.
+# Codes whose cause needs Redis to lose data: produced for real by the named test (store_data_lost also by
+# tests/test_lost_replies.py, on one Redis restarted from an older snapshot).
 HELD_ELSEWHERE = {
     "store_data_lost": "test_cluster.py::test_a_failover_that_lost_the_tail_ends_the_session_with_a_retryable_error",
 }
