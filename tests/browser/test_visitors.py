@@ -179,16 +179,19 @@ async def test_chromium_ime_enter_and_escape_during_composition(start_service: S
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     await page.goto(service.url("/"))
     box = page.get_by_test_id("chat-input")
-    await box.focus()
+    await box.wait_for()
     cdp = await page.context.new_cdp_session(page)
     composed: list[str] = []
+    # Keys are recorded on the widget's shadow root (capture), so a textarea the widget renders anew after
+    # this line is still heard; the box is focused only then, right before the keys.
     await page.evaluate(
         """() => {
           window.__keys = [];
-          const input = document.querySelector(".chatbot-widget-host").shadowRoot.querySelector("textarea");
-          input.addEventListener("keydown", (e) => window.__keys.push([e.key, e.isComposing, e.keyCode]));
+          const root = document.querySelector(".chatbot-widget-host").shadowRoot;
+          root.addEventListener("keydown", (e) => window.__keys.push([e.key, e.isComposing, e.keyCode]), true);
         }"""
     )
+    await box.focus()
     for word in ("にほん", "日本"):
         end = len(word)
         await cdp.send("Input.imeSetComposition", {"text": word, "selectionStart": end, "selectionEnd": end})
