@@ -78,7 +78,16 @@ class Subscriber:
 
     def _write_now(self, frames: Frames) -> bool:
         """Write the frames after `last_id` at once, unless one is terminal (the handler ends the stream)."""
-        fresh = [item for item in frames if events.parse_event_id(item[0].id) > self.last_id]
+        if len(frames) == 1:  # a live entry: the usual case, without the lists
+            event, data = frames[0]
+            key = events.entry_key(event.id)
+            if key <= self.last_id:
+                return True
+            if event.terminal or self.direct is None or not self.direct(data, 1):
+                return False
+            self.last_id, self.last_sent = key, event.id
+            return True
+        fresh = [item for item in frames if events.entry_key(item[0].id) > self.last_id]
         if not fresh:
             return True  # all seen already
         if any(event.terminal for event, _ in fresh) or self.direct is None:
@@ -87,7 +96,7 @@ class Subscriber:
         if not self.direct(data, len(fresh)):
             return False
         last = fresh[-1][0].id
-        self.last_id = events.parse_event_id(last)
+        self.last_id = events.entry_key(last)
         self.last_sent = last
         return True
 
@@ -246,10 +255,10 @@ class Hub:
                     sub.queued = 0
                     sub.behind = bool(out)  # deliver what is in order now, re-read on the next call
                     return out
-                fresh = [item for item in frames if events.parse_event_id(item[0].id) > sub.last_id]
+                fresh = [item for item in frames if events.entry_key(item[0].id) > sub.last_id]
                 if fresh:
                     out.extend(fresh)
-                    sub.last_id = events.parse_event_id(fresh[-1][0].id)
+                    sub.last_id = events.entry_key(fresh[-1][0].id)
             if out:
                 return out
             sub.wake.clear()
@@ -368,7 +377,7 @@ class Hub:
             notice = Notice.parse(message["data"])
             if notice.previous is not None and notice.event is not None:
                 self.entry(session_id, notice.previous, notice.event)
-            elif topic.cursor is not None and events.parse_event_id(notice.id) > events.parse_event_id(topic.cursor):
+            elif topic.cursor is not None and events.entry_key(notice.id) > events.entry_key(topic.cursor):
                 self._mark_dirty(session_id)
 
     # -- cancel notices on a cluster ------------------------------------------------------------
@@ -431,7 +440,7 @@ class Hub:
             except Exception:  # never into the append's caller (the batcher): the read path fails the session
                 log.exception("session %s: entry %s could not be delivered; reading it instead", session_id, event.id)
                 self._mark_dirty(session_id)
-        elif events.parse_event_id(event.id) > events.parse_event_id(topic.cursor):
+        elif events.entry_key(event.id) > events.entry_key(topic.cursor):
             self._mark_dirty(session_id)
 
     # -- fetching --------------------------------------------------------------------------------
@@ -516,7 +525,7 @@ class Hub:
                 break
         topic.cursor = frames[-1][0].id
         topic.last_change = time.monotonic()
-        read_after = events.parse_event_id(read_from)
+        read_after = events.entry_key(read_from)
         for sub in topic.subscribers:
             sub.offer(read_after, frames, self.QUEUE_LIMIT)
         if len(batch) == self.FETCH_COUNT and not topic.ended:

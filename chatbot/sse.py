@@ -134,7 +134,7 @@ async def _respond(
             if batch:
                 ended = await _send(response, batch, metrics)
                 last = batch[-1][0].id
-                hub_sub.last_id = max(hub_sub.last_id, events.parse_event_id(last))
+                hub_sub.last_id = max(hub_sub.last_id, events.entry_key(last))
                 if ended:
                     break
             hub.caught_up(hub_sub, last)
@@ -145,7 +145,7 @@ async def _respond(
                 batch = await hub.next_batch(hub_sub)
             finally:
                 hub_sub.direct = None
-            if hub_sub.last_sent and events.parse_event_id(hub_sub.last_sent) > events.parse_event_id(last):
+            if hub_sub.last_sent and events.entry_key(hub_sub.last_sent) > events.entry_key(last):
                 last = hub_sub.last_sent
             if not batch:  # the reader fell behind the hub's queue: read the rest from the stream
                 batch = [(e, events.frame(e)) for e in await store.read_from(hub_sub.session_id, "(" + last)]

@@ -282,6 +282,26 @@ async def test_stalled_upstream_is_cut_after_the_idle_timeout(
     assert (await get_session(client, created["id"]))["status"] == "failed"
 
 
+async def test_an_upstream_that_goes_quiet_mid_answer_is_cut_after_the_idle_timeout(
+    api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any
+) -> None:
+    # Pieces 0.2 s apart for about 1.6 s (past the 0.5 s timeout, so only a per-body timer that keeps
+    # being re-armed, or the watch that replaced it, can tell slow from silent), then silence.
+    words = [f"w{i} " for i in range(6)]
+    pieces = (1 if api == "openai" else 3) + len(words)  # the head, then one piece per word; no end
+    upstream.script(Reply(events_for(api)(words)[:pieces], pause=0.2, then="stall"))
+    client = await serve(provider_settings(api, upstream, monkeypatch, upstream_idle_timeout_seconds=0.5))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    created, stream = await answer(client)
+    took = loop.time() - started
+    assert error_payload(stream)["code"] == "upstream_timeout"
+    assert text_of(stream.events) == "".join(words)  # slow pieces were never cut; every word is kept
+    assert (pieces - 1) * 0.2 + 0.45 < took < (pieces - 1) * 0.2 + 2.5
+    await asyncio.wait_for(upstream.disconnected.wait(), 2)
+    assert (await get_session(client, created["id"]))["status"] == "failed"
+
+
 async def test_cancel_closes_the_upstream_connection_and_keeps_the_text_in_history(
     api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any, redis_url: str
 ) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -48,12 +49,79 @@ def _as_httpx_errors() -> Iterator[None]:
         raise mapped(str(exc) or type(exc).__name__) from exc
 
 
+@dataclass(slots=True)
+class _Watched:
+    timeout: float  # seconds without a byte before the body fails
+    seen: int  # the body's received bytes at the last check that found progress
+    since: float  # loop time of that check
+
+
+class IdleWatch:
+    """The idle (read) timeout of every streamed body, kept by one timer instead of one per chunk.
+
+    aiohttp re-arms a timer on every read of a body (`sock_read`): for a relay that receives one small
+    chunk per token, that was 5.5% of the service's samples at 10,000 tokens/s (bench/RESULTS.md). Once a
+    response's headers are in, its own timer is turned off (`ResponseHandler.read_timeout`; it still
+    guards the wait for the headers) and this one looks, every tenth of the shortest timeout (at most
+    every second), at how many bytes each body has received (`StreamReader.total_bytes`). A body that got
+    no byte for its timeout fails with aiohttp's own `ServerTimeoutError`, as `sock_read` would have, at
+    most one check late. Each answer's body is read as it arrives, so a full buffer (aiohttp stops reading
+    the socket) never looks like a silent upstream for long.
+    """
+
+    MAX_INTERVAL = 1.0
+    MIN_INTERVAL = 0.01
+
+    def __init__(self) -> None:
+        self._bodies: dict[aiohttp.StreamReader, _Watched] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    def watch(self, response: aiohttp.ClientResponse, timeout: float | None) -> None:
+        """Take over `response`'s body timeout (seconds; None or 0: no timeout, nothing to do)."""
+        connection = response.connection
+        if not timeout or connection is None or connection.protocol is None:
+            return
+        connection.protocol.read_timeout = None  # its next read cancels the timer armed by the last one
+        loop = asyncio.get_running_loop()
+        body = response.content
+        self._bodies[body] = _Watched(timeout, body.total_bytes, loop.time())
+        if self._handle is None:
+            self._schedule(loop)
+
+    def forget(self, body: aiohttp.StreamReader) -> None:
+        self._bodies.pop(body, None)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        shortest = min(w.timeout for w in self._bodies.values())
+        interval = min(self.MAX_INTERVAL, max(self.MIN_INTERVAL, shortest / 10))
+        self._handle = loop.call_later(interval, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for body, watched in list(self._bodies.items()):
+            if body.at_eof() or body.exception() is not None:
+                del self._bodies[body]
+            elif body.total_bytes != watched.seen:
+                watched.seen, watched.since = body.total_bytes, now
+            elif now - watched.since >= watched.timeout:
+                del self._bodies[body]
+                body.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+        if self._bodies:
+            self._schedule(loop)
+
+
 class RawBody(httpx2.AsyncByteStream):
     """A response body that also exposes aiohttp's reader, for the provider's own SSE parsing."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, idle: IdleWatch) -> None:
         self.response = response
         self.content = response.content
+        self._idle = idle
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _as_httpx_errors():
@@ -61,6 +129,7 @@ class RawBody(httpx2.AsyncByteStream):
                 yield chunk
 
     async def aclose(self) -> None:
+        self._idle.forget(self.content)
         # An unfinished body means an abandoned answer: drop the connection so the upstream stops generating.
         if self.content.at_eof():
             self.response.release()
@@ -73,6 +142,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self.idle = IdleWatch()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -100,7 +170,8 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                     sock_read=timeout.get("read"),
                 ),
             )
-        body = RawBody(response)
+        self.idle.watch(response, timeout.get("read"))
+        body = RawBody(response, self.idle)
         return httpx2.Response(
             status_code=response.status,
             headers=response.raw_headers,
