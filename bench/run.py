@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import resource
 import shlex
@@ -227,8 +228,9 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _service_figures(step: dict[str, Any]) -> dict[str, Any]:
-    """The service's relay step in the peers' terms."""
-    per_token = 1.0 / step["tokens_per_cpu_s"] + step["redis_us_per_token"] / 1e6
+    """The service's relay step in the peers' terms (a step that delivered nothing in its window gives 0s)."""
+    delivered = step["tokens_per_cpu_s"] > 0 and math.isfinite(step["redis_us_per_token"])
+    per_token = 1.0 / step["tokens_per_cpu_s"] + step["redis_us_per_token"] / 1e6 if delivered else math.inf
     return {
         "tokens_per_cpu_s": step["tokens_per_cpu_s"],
         "tokens_per_cpu_s_with_redis": 1.0 / per_token,

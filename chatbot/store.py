@@ -53,6 +53,7 @@ TERMINAL_STATUSES = frozenset({"done", "cancelled", "failed"})
 
 # Seconds a request waits for a free pooled connection before the store counts as unavailable.
 POOL_WAIT_SECONDS = 5.0
+CALL_TIMEOUT_SECONDS = 10.0  # one call on one Redis, its retries after a dropped connection included
 
 # The producer's appends, shared by _APPEND and _APPEND_MANY as Lua functions.
 #
@@ -357,23 +358,30 @@ class AppendResult:
 
 
 def open_redis(settings: Settings) -> aioredis.Redis:
-    """One bounded, blocking pool for the whole process; embedded fakeredis without a URL."""
-    pool: aioredis.BlockingConnectionPool
+    """One bounded pool for the whole process (CHATBOT_REDIS_POOL_SIZE connections, the hub's pub/sub
+    included); embedded fakeredis without a URL.
+
+    redis-py's plain pool fails at once when full; the store admits only as many calls at a time as it has
+    connections for (`_gated`). Its blocking pool would wait instead, but took a condition, a timer and a
+    zero-timeout read per call: 221-303 against 141-154 µs of CPU per EVALSHA here (bench/RESULTS.md).
+    """
+    pool: aioredis.ConnectionPool
     if settings.redis_url is None:
-        pool = aioredis.BlockingConnectionPool(
+        pool = aioredis.ConnectionPool(
             connection_class=FakeAsyncRedisConnection,
             server=fakeredis.FakeServer(),
             max_connections=settings.redis_pool_size,
-            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
         )
     else:
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = aioredis.ConnectionPool.from_url(
             settings.redis_url,
             max_connections=settings.redis_pool_size,
-            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=2.0,
+            # No timeout per socket operation: with one, redis-py wraps every send in a task of its own
+            # (`asyncio.wait_for`) and every read in a timer. `_gated` bounds each whole call instead.
+            socket_timeout=None,
             socket_keepalive=True,
             health_check_interval=30,
             # After a Redis restart every pooled connection is stale: reconnect and retry once or twice
@@ -468,36 +476,52 @@ R = TypeVar("R")
 def _gated(
     method: Callable[Concatenate[Store, P], Awaitable[R]],
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
-    """On a cluster: wait for one of the process's pool-size slots, and report cluster failures as RedisError.
+    """Wait for one of the process's connection slots; on a cluster, report its failures as RedisError.
 
-    redis-py's cluster client has no blocking pool (a burst beyond its per-node pool fails at once), so
-    the store admits at most CHATBOT_REDIS_POOL_SIZE calls at a time; each uses at most one connection per
-    node, which keeps every node's connections within the pool size.
+    Neither pool the store uses waits for a free connection (redis-py's cluster client has no blocking
+    pool; on one Redis the plain pool is used, see `open_redis`): a call beyond the pool would fail at
+    once. So the store admits at most as many calls at a time as there are connections: the pool size on
+    a cluster, where each call uses at most one connection per node; on one Redis, the pool size less the
+    hub's pub/sub connection. A free slot costs no timer; only a wait for one is bounded.
+
+    On one Redis each call is bounded as a whole, by CALL_TIMEOUT_SECONDS (RedisTimeoutError; redis-py
+    closes a connection whose call was cut, so no late reply can answer the next one); the cluster client
+    keeps redis-py's timeout per socket operation.
     """
 
     @functools.wraps(method)
     async def run(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._slots is None:
-            return await method(self, *args, **kwargs)
-        give_up = time.monotonic() + POOL_WAIT_SECONDS
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(POOL_WAIT_SECONDS):
+                    await slots.acquire()
+            except TimeoutError:
+                raise RedisConnectionError(f"no free Redis connection within {POOL_WAIT_SECONDS:.0f} s") from None
+        else:
+            await slots.acquire()  # free: returns at once
         try:
-            async with asyncio.timeout(POOL_WAIT_SECONDS):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise RedisConnectionError(f"no free Redis connection within {POOL_WAIT_SECONDS:.0f} s") from None
-        try:
+            give_up = 0.0
             while True:
                 try:
-                    return await method(self, *args, **kwargs)
+                    if self._call_timeout is None:
+                        return await method(self, *args, **kwargs)
+                    try:
+                        async with asyncio.timeout(self._call_timeout):
+                            return await method(self, *args, **kwargs)
+                    except TimeoutError:
+                        raise RedisTimeoutError(f"Redis did not answer within {self._call_timeout:.0f} s") from None
                 except MaxConnectionsError:
-                    # A connection of the node's pool is still being closed after an error: nothing was sent.
-                    if time.monotonic() >= give_up:
+                    # A connection of the pool is still being closed after an error: nothing was sent.
+                    now = time.monotonic()
+                    give_up = give_up or now + POOL_WAIT_SECONDS
+                    if now >= give_up:
                         raise
                     await asyncio.sleep(0.02)
         except RedisClusterException as exc:  # not a RedisError: e.g. a slot no master covers mid-failover
             raise ClusterError(str(exc)) from exc
         finally:
-            self._slots.release()
+            slots.release()
 
     return run
 
@@ -514,7 +538,9 @@ class Store:
         # The producer ends an answer before this many events; MAXLEN only guards against a runaway.
         self._maxlen = settings.max_answer_events + 16
         self._owner = owner
-        self._slots = asyncio.Semaphore(settings.redis_pool_size) if self.cluster else None
+        # Calls in flight at once (`_gated`): on one Redis, the hub's pub/sub holds one of the pool's connections.
+        self._slots = asyncio.Semaphore(settings.redis_pool_size - (0 if self.cluster else 1))
+        self._call_timeout = None if self.cluster else CALL_TIMEOUT_SECONDS
         # The id of each local producer's last entry ("0-0" before its first): the id before its next entry,
         # which its notice carries, and, on a cluster, what the stream must still end with (a tail lost in a
         # failover is noticed by the append script).

@@ -1,0 +1,80 @@
+"""How the store's calls use one Redis: within the pool's connections, and bounded when Redis stops answering.
+
+The store takes redis-py's plain pool, which fails at once when every connection is in use, and admits only
+as many calls at a time as the pool has connections besides the hub's pub/sub. It sets no timeout per socket
+operation (with one, redis-py adds a task per send); each call is bounded as a whole instead. Both are
+checked here on a real redis-server: a burst of calls never fails for want of a connection nor opens more
+than the pool, and a Redis that stops answering (SIGSTOP) fails a call in time, after which each call still
+gets its own reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chatbot import ids, store
+from chatbot.settings import Settings
+from tests.conftest import RedisServer
+
+pytestmark = [pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:  # its own: this test stops it
+        yield server
+
+
+def _clients(server: RedisServer) -> int:
+    with server.client() as admin:
+        return len(admin.client_list()) - 1  # less the admin connection itself
+
+
+async def test_a_burst_of_calls_stays_within_the_pool(own_redis: RedisServer) -> None:
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    pubsub = st.notices()  # as the hub does: it holds one of the pool's connections
+    await pubsub.subscribe("chatbot:cancel")
+    try:
+        sids = [ids.new_id() for _ in range(40)]
+        await asyncio.gather(*(st.create_session(sid, ids.new_id(), f"question {i}") for i, sid in enumerate(sids)))
+        metas = await asyncio.gather(*(st.session(sid) for sid in sids))
+        assert [m.message if m else None for m in metas] == [f"question {i}" for i in range(len(sids))]
+        assert _clients(own_redis) <= 3
+    finally:
+        await pubsub.aclose()
+        await st.close()
+
+
+async def test_a_redis_that_stops_answering_fails_a_call_in_time_and_later_calls_get_their_own_replies(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "CALL_TIMEOUT_SECONDS", 0.5)
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    st = await store.open_store(settings, owner="test")
+    try:
+        first, second = ids.new_id(), ids.new_id()
+        await st.create_session(first, ids.new_id(), "the first")
+        await st.create_session(second, ids.new_id(), "the second")
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await st.session(first)  # its reply comes only after SIGCONT, to a connection that is closed
+            assert time.monotonic() - started < 3
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        for _ in range(3):
+            got = await asyncio.gather(st.session(second), st.session(first))
+            assert [m.message if m else None for m in got] == ["the second", "the first"]
+    finally:
+        await st.close()
