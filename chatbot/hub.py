@@ -44,13 +44,16 @@ class Subscriber:
     the frames of non-terminal events straight into its socket: a live entry costs each reader one
     transport write, not a wake-up of its task. `direct` returns False when it cannot write at once (the
     socket's buffer is full, or it is closing); the frames are queued for the handler instead.
+
+    A reader holds no queue and no `asyncio.Event` of its own while nothing is queued for it (about 1.6 KiB
+    per open stream): `pending` is made on first use, and the handler waits on a future made for the wait.
     """
 
     session_id: str
     last_id: tuple[int, int]
-    pending: deque[tuple[tuple[int, int], Frames]] = field(default_factory=deque)
+    pending: deque[tuple[tuple[int, int], Frames]] | None = None
     queued: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: asyncio.Future[None] | None = None  # the handler's, while it waits in `Hub.next_batch`
     behind: bool = False
     closed: bool = False
     direct: Callable[[bytes, int], bool] | None = None
@@ -69,12 +72,20 @@ class Subscriber:
         if self.queued + len(frames) > limit:
             # A slow reader re-reads from Redis instead of growing memory without bound.
             self.behind = True
-            self.pending.clear()
+            self.pending = None
             self.queued = 0
         elif not self.behind:
+            if self.pending is None:
+                self.pending = deque()
             self.pending.append((read_after, frames))
             self.queued += len(frames)
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the handler look again (something was queued, or the stream must end)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _write_now(self, frames: Frames) -> bool:
         """Write the frames after `last_id` at once, unless one is terminal (the handler ends the stream)."""
@@ -183,7 +194,7 @@ class Hub:
         for topic in self._topics.values():
             for sub in topic.subscribers:
                 sub.closed = True
-                sub.wake.set()
+                sub.wake()
 
     async def close(self) -> None:
         self.end_streams()
@@ -251,7 +262,7 @@ class Hub:
                 read_after, frames = sub.pending.popleft()
                 sub.queued -= len(frames)
                 if read_after > sub.last_id:
-                    sub.pending.clear()
+                    sub.pending = None
                     sub.queued = 0
                     sub.behind = bool(out)  # deliver what is in order now, re-read on the next call
                     return out
@@ -259,10 +270,14 @@ class Hub:
                 if fresh:
                     out.extend(fresh)
                     sub.last_id = events.entry_key(fresh[-1][0].id)
+            sub.pending = None  # empty: drop it, most streams are idle most of the time
             if out:
                 return out
-            sub.wake.clear()
-            await sub.wake.wait()
+            sub.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await sub.waiter
+            finally:
+                sub.waiter = None
 
     # -- pub/sub -------------------------------------------------------------------------------
 
@@ -584,4 +599,4 @@ class Hub:
             topic.ready.set()  # a reader still waiting for its subscription gets its stream, and its end
             for sub in topic.subscribers:
                 sub.closed = True
-                sub.wake.set()
+                sub.wake()

@@ -179,7 +179,7 @@ def _client_left(metrics: Metrics, session_id: str) -> None:
 
 def _hang_up(sub: Subscriber) -> None:
     sub.closed = True
-    sub.wake.set()
+    sub.wake()
 
 
 async def _send(response: EventStream, batch: list[tuple[Event, bytes]], metrics: Metrics) -> bool:
