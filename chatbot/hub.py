@@ -87,6 +87,11 @@ class Subscriber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def wake_to_close(self) -> None:
+        """The peer is gone: the handler ends the stream."""
+        self.closed = True
+        self.wake()
+
     def _write_now(self, frames: Frames) -> bool:
         """Write the frames after `last_id` at once, unless one is terminal (the handler ends the stream)."""
         if len(frames) == 1:  # a live entry: the usual case, without the lists
@@ -217,7 +222,19 @@ class Hub:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, session_id: str, after: tuple[int, int]) -> AsyncIterator[Subscriber]:
-        """Register a reader before it reads its backlog, so nothing lands between the two."""
+        """`join`, then `leave` when the block ends."""
+        sub = await self.join(session_id, after)
+        try:
+            yield sub
+        finally:
+            await self.leave(sub)
+
+    async def join(self, session_id: str, after: tuple[int, int]) -> Subscriber:
+        """Register a reader before it reads its backlog, so nothing lands between the two; `leave` it after.
+
+        StreamClosed while shutting down; TimeoutError if the notice subscription is not acknowledged within
+        two lease periods (it has left again by then).
+        """
         if self._closing:
             raise StreamClosed
         topic = self._topics.get(session_id)
@@ -229,14 +246,23 @@ class Hub:
         topic.subscribers.add(sub)
         try:
             await self._sync_subscription(session_id)
-            await asyncio.wait_for(topic.ready.wait(), timeout=self._lease_ttl * 2)
-            yield sub
-        finally:
-            topic.subscribers.discard(sub)
-            if not topic.subscribers and self._topics.get(session_id) is topic:
-                del self._topics[session_id]
-                self._dirty.discard(session_id)
-                await self._sync_subscription(session_id)
+            if not topic.ready.is_set():
+                await asyncio.wait_for(topic.ready.wait(), timeout=self._lease_ttl * 2)
+        except BaseException:
+            await self.leave(sub)
+            raise
+        return sub
+
+    async def leave(self, sub: Subscriber) -> None:
+        session_id = sub.session_id
+        topic = self._topics.get(session_id)
+        if topic is None:
+            return
+        topic.subscribers.discard(sub)
+        if not topic.subscribers:
+            del self._topics[session_id]
+            self._dirty.discard(session_id)
+            await self._sync_subscription(session_id)
 
     def caught_up(self, sub: Subscriber, cursor: str) -> None:
         """A reader has read the stream up to `cursor`; live events after it come from the hub."""
@@ -248,36 +274,43 @@ class Hub:
     async def next_batch(self, sub: Subscriber) -> Frames:
         """This reader's next events, in order and none it has seen; [] means: re-read from the stream.
 
-        A batch read after an id beyond the reader's last one may follow a gap (the hub's
-        cursor began at another reader's position), so the reader re-reads instead.
+        `take`, waiting while it has nothing. StreamClosed when the stream must end.
         """
-        while True:
-            if sub.closed:
-                raise StreamClosed
-            if sub.behind:
-                sub.behind = False
-                return []
-            out: Frames = []
-            while sub.pending:
-                read_after, frames = sub.pending.popleft()
-                sub.queued -= len(frames)
-                if read_after > sub.last_id:
-                    sub.pending = None
-                    sub.queued = 0
-                    sub.behind = bool(out)  # deliver what is in order now, re-read on the next call
-                    return out
-                fresh = [item for item in frames if events.entry_key(item[0].id) > sub.last_id]
-                if fresh:
-                    out.extend(fresh)
-                    sub.last_id = events.entry_key(fresh[-1][0].id)
-            sub.pending = None  # empty: drop it, most streams are idle most of the time
-            if out:
-                return out
+        while (batch := self.take(sub)) is None:
             sub.waiter = asyncio.get_running_loop().create_future()
             try:
                 await sub.waiter
             finally:
                 sub.waiter = None
+        return batch
+
+    @staticmethod
+    def take(sub: Subscriber) -> Frames | None:
+        """What `next_batch` returns, without waiting: None while nothing is queued for this reader.
+
+        A batch read after an id beyond the reader's last one may follow a gap (the hub's
+        cursor began at another reader's position), so the reader re-reads instead.
+        """
+        if sub.closed:
+            raise StreamClosed
+        if sub.behind:
+            sub.behind = False
+            return []
+        out: Frames = []
+        while sub.pending:
+            read_after, frames = sub.pending.popleft()
+            sub.queued -= len(frames)
+            if read_after > sub.last_id:
+                sub.pending = None
+                sub.queued = 0
+                sub.behind = bool(out)  # deliver what is in order now, re-read on the next call
+                return out
+            fresh = [item for item in frames if events.entry_key(item[0].id) > sub.last_id]
+            if fresh:
+                out.extend(fresh)
+                sub.last_id = events.entry_key(fresh[-1][0].id)
+        sub.pending = None  # empty: drop it, most streams are idle most of the time
+        return out or None
 
     # -- pub/sub -------------------------------------------------------------------------------
 

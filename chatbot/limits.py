@@ -70,7 +70,15 @@ class StreamCaps:
 
     @contextmanager
     def hold(self, address: str) -> Iterator[None]:
-        """Count one stream for `address` while the block runs; StreamCapReached if a cap is reached."""
+        """`take` a stream for `address` while the block runs."""
+        self.take(address)
+        try:
+            yield
+        finally:
+            self.give_back(address)
+
+    def take(self, address: str) -> None:
+        """Count one stream for `address`; StreamCapReached if a cap is reached. `give_back` it when it ends."""
         if self.open >= self._total:
             self._metrics.rejected.labels("streams_per_instance").inc()
             raise StreamCapReached("streams_per_instance", self.INSTANCE_RETRY_SECONDS)
@@ -79,10 +87,9 @@ class StreamCaps:
             raise StreamCapReached("streams_per_address", self.ADDRESS_RETRY_SECONDS)
         self._open[address] += 1
         self.open += 1
-        try:
-            yield
-        finally:
-            self.open -= 1
-            self._open[address] -= 1
-            if not self._open[address]:
-                del self._open[address]
+
+    def give_back(self, address: str) -> None:
+        self.open -= 1
+        self._open[address] -= 1
+        if not self._open[address]:
+            del self._open[address]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -13,7 +14,7 @@ from . import events
 from .appkeys import CAPS, HUB, METRICS, SETTINGS, STORE
 from .events import Event
 from .eventstream import HEADERS, EventStream
-from .hub import StreamClosed, Subscriber
+from .hub import StreamClosed
 from .limits import StreamCapReached, client_address
 from .metrics import Metrics
 from .problems import Problem
@@ -55,14 +56,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     resume = _resume_point(request)
     try:
-        meta = await request.app[STORE].session(sid)
-        if meta is None:
-            raise not_found()
+        terminal_id = await _terminal_id(request, sid)  # the session's metadata is not kept for the stream
         if request.method == "HEAD":  # the headers a GET would get, without taking a slot or reading
-            return _head(resume, meta.terminal_id)
+            return _head(resume, terminal_id)
         address = client_address(request, request.app[SETTINGS].trusted_proxies)
-        with request.app[CAPS].hold(address):
+        caps = request.app[CAPS]
+        caps.take(address)
+        try:
             return await _serve(request, sid, resume)
+        finally:
+            caps.give_back(address)
     except StreamCapReached as cap:
         return _come_back(request, cap.limit, cap.retry_after)
     except StreamClosed:
@@ -73,6 +76,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
         request.app[METRICS].redis_errors.labels("events").inc()
         log.warning("session %s: store unavailable before the stream started (%s); client told to retry", sid, exc)
         return _come_back(request, "store_unavailable", STORE_RETRY_SECONDS)
+
+
+async def _terminal_id(request: web.Request, sid: str) -> str | None:
+    """The id of the session's terminal event, None while it runs; 404 for an unknown session."""
+    meta = await request.app[STORE].session(sid)
+    if meta is None:
+        raise not_found()
+    return meta.terminal_id
 
 
 def _head(resume: str | None, terminal_id: str | None) -> web.StreamResponse:
@@ -94,9 +105,15 @@ def _come_back(request: web.Request, reason: str, wait_seconds: float, *, close:
 
 
 async def _serve(request: web.Request, sid: str, resume: str | None) -> web.StreamResponse:
-    store, hub = request.app[STORE], request.app[HUB]
-    after = events.parse_event_id(resume) if resume else (0, 0)
-    async with hub.subscribe(sid, after) as sub:
+    """The backlog after `resume`, then live events, until the terminal one or the client leaves.
+
+    One coroutine for the stream's whole life, and no context manager or waiter coroutine of its own:
+    each frame an idle stream keeps costs memory per open stream (bench/RESULTS.md).
+    """
+    settings, store, hub, metrics = request.app[SETTINGS], request.app[STORE], request.app[HUB], request.app[METRICS]
+    hub_sub = await hub.join(sid, events.parse_event_id(resume) if resume else (0, 0))
+    started = False
+    try:
         backlog = await store.read_from(sid, resume or "-")
         if resume is not None:
             if not backlog or backlog[0].id != resume:
@@ -107,21 +124,19 @@ async def _serve(request: web.Request, sid: str, resume: str | None) -> web.Stre
             if backlog[0].terminal:
                 return web.Response(status=204)  # nothing follows; a native EventSource stops here
             backlog = backlog[1:]
-        return await _respond(request, hub_sub=sub, backlog=backlog, resume=resume)
-
-
-async def _respond(
-    request: web.Request, *, hub_sub: Subscriber, backlog: list[Event], resume: str | None
-) -> web.StreamResponse:
-    settings, store, hub, metrics = request.app[SETTINGS], request.app[STORE], request.app[HUB], request.app[METRICS]
-    response = EventStream(heartbeats=hub.heartbeats, send_timeout=SEND_TIMEOUT)
-    await response.prepare(request)  # ClientGone if the client already left
+        response = EventStream(heartbeats=hub.heartbeats, send_timeout=SEND_TIMEOUT)
+        await response.prepare(request)  # ClientGone if the client already left
+        started = True
+    finally:
+        if not started:  # answered otherwise (204, 409), or failed before the stream began
+            await hub.leave(hub_sub)
     # A dead peer is noticed by a heartbeat; it ends this reader too.
-    response.on_gone(lambda: _hang_up(hub_sub))
+    response.on_gone(hub_sub.wake_to_close)
     try:
         await response.send(events.retry_field(settings.sse_retry_ms))
         last = resume or "0-0"
         batch = [(event, events.frame(event)) for event in backlog]
+        del backlog
         events_sent = metrics.events_sent
 
         def direct(data: bytes, count: int) -> bool:
@@ -140,11 +155,14 @@ async def _respond(
             hub.caught_up(hub_sub, last)
             # While this handler waits with nothing queued, the hub writes live entries itself (`direct`);
             # it is off whenever the handler writes or reads, so writes keep the stream's order.
-            hub_sub.direct = direct
-            try:
-                batch = await hub.next_batch(hub_sub)
-            finally:
-                hub_sub.direct = None
+            while (taken := hub.take(hub_sub)) is None:
+                hub_sub.direct = direct
+                hub_sub.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await hub_sub.waiter
+                finally:
+                    hub_sub.direct = hub_sub.waiter = None
+            batch = taken
             if hub_sub.last_sent and events.entry_key(hub_sub.last_sent) > events.entry_key(last):
                 last = hub_sub.last_sent
             if not batch:  # the reader fell behind the hub's queue: read the rest from the stream
@@ -163,6 +181,7 @@ async def _respond(
         response.force_close()
     finally:
         await response.stop()
+        await hub.leave(hub_sub)
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write_eof()
     return response
@@ -175,11 +194,6 @@ def _peer_gone(request: web.Request) -> bool:
 def _client_left(metrics: Metrics, session_id: str) -> None:
     metrics.client_disconnects.labels("mid_stream").inc()
     log.debug("session %s: reader went away", session_id)
-
-
-def _hang_up(sub: Subscriber) -> None:
-    sub.closed = True
-    sub.wake()
 
 
 async def _send(response: EventStream, batch: list[tuple[Event, bytes]], metrics: Metrics) -> bool:
