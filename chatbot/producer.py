@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -34,6 +35,12 @@ EMPTY_ANSWER = "empty_answer"
 OUTAGE_SECONDS = 30.0
 # The pause before an entry that failed alone (its cluster master failing over) is sent again.
 RETRY_SECONDS = 0.1
+# Batches grow with load: while at least LINGER_FROM answers are being generated here, the batcher waits
+# LINGER_SECONDS after the first entry is queued (unless LINGER_UNTIL writers are queued already), so one
+# round trip carries several sessions' entries. One answer alone is never held back.
+LINGER_FROM = 8
+LINGER_UNTIL = 32
+LINGER_SECONDS = 0.001
 
 
 class _Broken(Exception):
@@ -48,7 +55,7 @@ class _Writer:
     """
 
     def __init__(
-        self, store: Store, batcher: _Batcher, session_id: str, on_cancel: asyncio.Event, metrics: Metrics
+        self, store: Store, batcher: _Batcher, session_id: str, on_cancel: asyncio.Future[None], metrics: Metrics
     ) -> None:
         self._store = store
         self._batcher = batcher
@@ -61,8 +68,7 @@ class _Writer:
         self._in_doubt = False  # _runs[0] is an entry whose append may have landed: it goes again as it was
         self._pieces = 0  # provider deltas waiting, for the tokens-relayed counter
         self._flying = False  # queued for, or inside, a batch
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._drained: asyncio.Future[None] | None = None  # made when something waits for `_flying` to end
         self._outage_since: float | None = None
         self._started = time.monotonic()
         self._output_seen = False  # for time to first token
@@ -87,7 +93,6 @@ class _Writer:
         self._pieces += 1
         if not self._flying:
             self._flying = True
-            self._idle.clear()
             self._batcher.schedule(self)
 
     def _switch(self, kind: str) -> None:
@@ -132,14 +137,13 @@ class _Writer:
                 self._output_seen = True
                 self._metrics.ttft.observe(time.monotonic() - self._started)
             if result.cancel_requested:
-                self._on_cancel.set()
+                _raise_flag(self._on_cancel)
         self._outage_since = None
         self._metrics.tokens_relayed.inc(pieces)
         if self._pending or self._runs:
             self._batcher.schedule(self)
         else:
-            self._flying = False
-            self._idle.set()
+            self._landed_all()
 
     def bounced(self, entries: list[tuple[str, str]], pieces: int, exc: Exception) -> bool:
         """The batch failed as a whole: put the entries back in front; False once the outage lasted too long."""
@@ -161,13 +165,24 @@ class _Writer:
         self.error = exc
         self._pending.clear()
         self._runs.clear()
+        self._landed_all()
+        _raise_flag(self._on_cancel)  # stops the copy loop now rather than at its next delta
+
+    def _landed_all(self) -> None:
         self._flying = False
-        self._idle.set()
-        self._on_cancel.set()  # stops the copy loop now rather than at its next delta
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _until_idle(self) -> None:
+        """Until nothing is queued for, or inside, a batch."""
+        while self._flying:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
 
     async def drain(self) -> None:
         """Wait until every added text is stored."""
-        await self._idle.wait()
+        await self._until_idle()
         if self.error is not None:
             raise self.error
 
@@ -180,7 +195,7 @@ class _Writer:
 
     async def finish(self, event: str, data: str, status: str) -> None:
         """Append the terminal event once the entries before it are settled; _Ended if the session ended."""
-        await self._idle.wait()
+        await self._until_idle()
         if isinstance(self.error, _Ended):
             raise self.error
         result = await _retrying(self.sid, lambda: self._store.append(self.sid, event, data, terminal_status=status))
@@ -216,9 +231,10 @@ class _Batcher:
     the profile in bench/RESULTS.md) is paid once per batch instead of once per session.
     """
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics, generating: Callable[[], int] = lambda: 0) -> None:
         self._store = store
         self._metrics = metrics
+        self._generating = generating  # answers being generated in this process
         self._queue: dict[str, _Writer] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -240,6 +256,8 @@ class _Batcher:
         delay = 0.05
         while True:
             await self._wake.wait()
+            if len(self._queue) < LINGER_UNTIL and self._generating() >= LINGER_FROM:
+                await asyncio.sleep(LINGER_SECONDS)
             self._wake.clear()
             writers = list(self._queue.values())
             self._queue.clear()
@@ -311,6 +329,11 @@ class _Batcher:
             writer.broken(exc)
 
 
+def _raise_flag(flag: asyncio.Future[None]) -> None:
+    if not flag.done():
+        flag.set_result(None)
+
+
 def _entry_data(event: str, text: str) -> str:
     return events.token_data(text) if event == events.TOKEN else events.reasoning_data(text)
 
@@ -347,9 +370,11 @@ class Producers:
         self._admitting = 0  # sessions between `admission()` and their spawn
         self._admitted = asyncio.Event()  # set when _admitting falls to 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._cancels: dict[str, asyncio.Event] = {}
+        # Per answer, a future done once it must stop (a cancel, or its writer failed): `_relay` waits on it
+        # beside the copy task, with no task or `asyncio.Event` of its own (memory per answer, bench/RESULTS.md).
+        self._cancels: dict[str, asyncio.Future[None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
-        self._batcher = _Batcher(store, metrics)
+        self._batcher = _Batcher(store, metrics, generating=lambda: len(self._tasks))
         # Told (session id, True) when an answer starts here and (id, False) when it ends: the hub's
         # follow_cancel, so that on a cluster this process hears that session's own cancel notices.
         self.on_generating: Callable[[str, bool], None] = lambda session_id, generating: None
@@ -378,7 +403,7 @@ class Producers:
 
         `sources` ({"title", "url"} each), if any, are the answer's first event.
         """
-        cancel = self._cancels[session_id] = asyncio.Event()
+        cancel = self._cancels[session_id] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
             self._generate(session_id, messages, cancel, conversation_id, sources), name=f"generate-{session_id}"
         )
@@ -425,7 +450,7 @@ class Producers:
     def cancel(self, session_id: str) -> None:
         """Stop a local generation because a user asked (from any instance)."""
         if (flag := self._cancels.get(session_id)) is not None:
-            flag.set()
+            _raise_flag(flag)
 
     async def close(self) -> None:
         """Stop generating: each unfinished answer ends with a retryable error, then tasks are awaited."""
@@ -443,7 +468,7 @@ class Producers:
         self,
         session_id: str,
         messages: Sequence[Message],
-        cancel: asyncio.Event,
+        cancel: asyncio.Future[None],
         conversation_id: str | None,
         sources: Sequence[Mapping[str, str]],
     ) -> None:
@@ -497,20 +522,19 @@ class Producers:
             )
             self._metrics.sessions.labels(outcome.partition(":")[0]).inc()
 
-    async def _relay(self, messages: Sequence[Message], writer: _Writer, cancel: asyncio.Event) -> Finish:
+    async def _relay(self, messages: Sequence[Message], writer: _Writer, cancel: asyncio.Future[None]) -> Finish:
         """Run the copy loop until the answer ends, or stop it when a cancel arrives."""
         relay = asyncio.create_task(self._copy(messages, writer))
-        waiter = asyncio.create_task(cancel.wait())
         try:
-            await asyncio.wait({relay, waiter}, timeout=self._deadline, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {relay, cancel}
+            await asyncio.wait(either, timeout=self._deadline, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            waiter.cancel()
             if not relay.done():
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
         if relay.cancelled():
-            if not cancel.is_set():
+            if not cancel.done():
                 raise ProviderError(
                     "upstream_timeout", f"The answer took longer than {self._deadline:g}s and was cut.", retryable=True
                 )
