@@ -26,7 +26,9 @@ MS = 1e6  # ns per ms
 
 # Commands the service issues only from inside its Lua scripts; INFO commandstats counts them as well
 # as the EVALSHA that ran them, so they are subtracted to count what the service sends.
-SCRIPT_ONLY = {"service": ("hmget", "xadd", "publish", "hget", "rpush", "ltrim", "incr", "pexpire", "pttl")}
+SCRIPT_ONLY = {
+    "service": ("hmget", "xadd", "xrevrange", "time", "publish", "hget", "rpush", "ltrim", "incr", "pexpire", "pttl")
+}
 HARNESS = ("info", "client|list", "client|setname", "flushall", "ping")
 
 

@@ -35,12 +35,6 @@ EMPTY_ANSWER = "empty_answer"
 OUTAGE_SECONDS = 30.0
 # The pause before an entry that failed alone (its cluster master failing over) is sent again.
 RETRY_SECONDS = 0.1
-# Batches grow with load: while at least LINGER_FROM answers are being generated here, the batcher waits
-# LINGER_SECONDS after the first entry is queued (unless LINGER_UNTIL writers are queued already), so one
-# round trip carries several sessions' entries. One answer alone is never held back.
-LINGER_FROM = 8
-LINGER_UNTIL = 32
-LINGER_SECONDS = 0.001
 
 
 class _Broken(Exception):
@@ -231,10 +225,9 @@ class _Batcher:
     the profile in bench/RESULTS.md) is paid once per batch instead of once per session.
     """
 
-    def __init__(self, store: Store, metrics: Metrics, generating: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, store: Store, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
-        self._generating = generating  # answers being generated in this process
         self._queue: dict[str, _Writer] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -256,8 +249,6 @@ class _Batcher:
         delay = 0.05
         while True:
             await self._wake.wait()
-            if len(self._queue) < LINGER_UNTIL and self._generating() >= LINGER_FROM:
-                await asyncio.sleep(LINGER_SECONDS)
             self._wake.clear()
             writers = list(self._queue.values())
             self._queue.clear()
@@ -374,7 +365,7 @@ class Producers:
         # beside the copy task, with no task or `asyncio.Event` of its own (memory per answer, bench/RESULTS.md).
         self._cancels: dict[str, asyncio.Future[None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
-        self._batcher = _Batcher(store, metrics, generating=lambda: len(self._tasks))
+        self._batcher = _Batcher(store, metrics)
         # Told (session id, True) when an answer starts here and (id, False) when it ends: the hub's
         # follow_cancel, so that on a cluster this process hears that session's own cancel notices.
         self.on_generating: Callable[[str, bool], None] = lambda session_id, generating: None
