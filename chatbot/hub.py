@@ -40,8 +40,8 @@ Frames = list[tuple[Event, bytes]]
 class Subscriber:
     """One open event stream: batches the hub read for it, each with the id it was read after.
 
-    While its handler waits in `Hub.next_batch` with nothing queued, `direct` (set by the handler) writes
-    the frames of non-terminal events straight into its socket: a live entry costs each reader one
+    While its handler waits with nothing queued (`sse._serve`, or `Hub.next_batch`), `direct` (set by the
+    handler) writes the frames of non-terminal events straight into its socket: a live entry costs each reader one
     transport write, not a wake-up of its task. `direct` returns False when it cannot write at once (the
     socket's buffer is full, or it is closing); the frames are queued for the handler instead.
 
@@ -53,7 +53,7 @@ class Subscriber:
     last_id: tuple[int, int]
     pending: deque[tuple[tuple[int, int], Frames]] | None = None
     queued: int = 0
-    waiter: asyncio.Future[None] | None = None  # the handler's, while it waits in `Hub.next_batch`
+    waiter: asyncio.Future[None] | None = None  # the handler's, while it waits for its next batch
     behind: bool = False
     closed: bool = False
     direct: Callable[[bytes, int], bool] | None = None

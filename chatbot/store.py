@@ -362,8 +362,9 @@ def open_redis(settings: Settings) -> aioredis.Redis:
     included); embedded fakeredis without a URL.
 
     redis-py's plain pool fails at once when full; the store admits only as many calls at a time as it has
-    connections for (`_gated`). Its blocking pool would wait instead, but took a condition, a timer and a
-    zero-timeout read per call: 221-303 against 141-154 µs of CPU per EVALSHA here (bench/RESULTS.md).
+    connections for (`_gated`). Its blocking pool would wait instead, but takes a condition, a timer and a
+    zero-timeout read per checkout: with both changes a call costs a quarter to two fifths less CPU
+    (`bench/store_call_cost.py`, bench/RESULTS.md).
     """
     pool: aioredis.ConnectionPool
     if settings.redis_url is None:

@@ -97,7 +97,7 @@ async def test_direct_writes_and_queued_batches_together_keep_the_order(parts: t
     async with hub.subscribe(sid, (0, 0)) as sub:
         hub.caught_up(sub, "0-0")
 
-        async def handler() -> None:  # what sse._respond does around next_batch
+        async def handler() -> None:  # what sse._serve does around take()
             while True:
                 sub.direct = direct
                 try:

@@ -76,9 +76,6 @@ class IdleWatch:
         self._bodies: dict[aiohttp.StreamReader, _Watched] = {}
         self._handle: asyncio.TimerHandle | None = None
 
-    def __len__(self) -> int:
-        return len(self._bodies)
-
     def watch(self, response: aiohttp.ClientResponse, timeout: float | None) -> None:
         """Take over `response`'s body timeout (seconds; None or 0: no timeout, nothing to do)."""
         connection = response.connection
@@ -93,6 +90,13 @@ class IdleWatch:
 
     def forget(self, body: aiohttp.StreamReader) -> None:
         self._bodies.pop(body, None)
+
+    def close(self) -> None:
+        """Stop watching (the transport closes): a later `watch` starts afresh, on whichever loop runs then."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._bodies.clear()
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         shortest = min(w.timeout for w in self._bodies.values())
@@ -181,6 +185,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
+        self.idle.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
