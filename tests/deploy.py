@@ -212,12 +212,17 @@ class Cluster:
         return cls(redis, instances, Nginx(free_port(), [inst.port for inst in instances]))
 
     async def start(self, http: aiohttp.ClientSession) -> None:
-        for instance in self.instances:
-            instance.start()
-        for instance in self.instances:
-            await instance.wait_ready(http)
-        self.nginx.start()
-        await self.nginx.wait_ready(http)
+        """Start every instance, then nginx; if any of it fails, stop what started (no orphaned servers)."""
+        try:
+            for instance in self.instances:
+                instance.start()
+            for instance in self.instances:
+                await instance.wait_ready(http)
+            self.nginx.start()
+            await self.nginx.wait_ready(http)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.nginx.stop()
