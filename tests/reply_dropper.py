@@ -49,23 +49,27 @@ class ReplyDropper:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        redis_w: asyncio.StreamWriter | None = None
+        pumps: list[asyncio.Task[None]] = []
         try:
-            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
-        except OSError:
-            client_w.close()
-            self._tasks.discard(task)
-            return
-        doomed = asyncio.Event()  # a command whose reply must be lost went up this connection
-        up = asyncio.create_task(self._up(client_r, redis_w, doomed))
-        down = asyncio.create_task(self._down(redis_r, client_w, doomed))
-        try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+            except OSError:
+                return
+            doomed = asyncio.Event()  # a command whose reply must be lost went up this connection
+            pumps = [
+                asyncio.create_task(self._up(client_r, redis_w, doomed)),
+                asyncio.create_task(self._down(redis_r, client_w, doomed)),
+            ]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pump in (up, down):
-                pump.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
+            # Both sockets are dropped before the first await here, so a cancel mid-cleanup leaks neither.
             for writer in (client_w, redis_w):
-                writer.transport.abort()
+                if writer is not None:
+                    writer.transport.abort()
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
             self._tasks.discard(task)
 
     async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, doomed: asyncio.Event) -> None:

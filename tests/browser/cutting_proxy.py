@@ -67,30 +67,41 @@ class CuttingProxy:
     def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.create_task(self._connection(client_r, client_w))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            # A task cancelled by close() before its first step never runs its own `finally`.
+            client_w.close()
+
+        task.add_done_callback(done)
 
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        upstream_w: asyncio.StreamWriter | None = None
         connection = _Connection()
-        self._connections.add(connection)
-        tasks = [
-            asyncio.create_task(self._requests(client_r, upstream_w, connection)),
-            asyncio.create_task(self._responses(upstream_r, client_w, connection)),
-            asyncio.create_task(connection.cut.wait()),
-        ]
+        tasks: list[asyncio.Task[object]] = []
         try:
+            upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._connections.add(connection)
+            tasks = [
+                asyncio.create_task(self._requests(client_r, upstream_w, connection)),
+                asyncio.create_task(self._responses(upstream_r, client_w, connection)),
+                asyncio.create_task(connection.cut.wait()),
+            ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if connection.cut.is_set():
                 self.cuts += 1
                 client_w.transport.abort()  # a reset, not a clean end: the browser must retry
                 upstream_w.transport.abort()
         finally:
+            # Both sockets are closed before the first await here, so a cancel mid-cleanup leaks neither.
             self._connections.discard(connection)
+            writers = [w for w in (client_w, upstream_w) if w is not None]
+            for writer in writers:
+                writer.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for writer in (client_w, upstream_w):
-                writer.close()
+            for writer in writers:
                 with contextlib.suppress(ConnectionError, OSError):
                     await writer.wait_closed()
 
