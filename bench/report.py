@@ -53,6 +53,8 @@ ROWS: list[Row] = [
     ("added TTFT p50 (ms)", _get("ttft", "added_p50"), "≤ 2", lambda v: v <= 2, False),
     ("added TTFT p99 (ms)", _get("ttft", "added_p99"), "≤ 10", lambda v: v <= 10, False),
     ("  p50 before the upstream wrote token 1 (ms)", _get("ttft", "added_before_upstream_p50"), "", None, False),
+    ("    the upstream began later than asked directly, p50 (ms)", _get("ttft", "upstream_began_later_p50"), "", None, False),
+    ("    POST /sessions round trip p50 (ms)", _get("ttft", "post_p50"), "", None, False),
     ("  p50 after the upstream wrote token 1 (ms)", _get("ttft", "added_after_upstream_p50"), "", None, False),
     ("relayed tokens/s, p99 ≤ 25 ms", _at_best("achieved"), "≥ 20,000", lambda v: v >= 20_000, True),
     ("  tokens per service CPU-second there", _at_best("tokens_per_cpu_s"), "", None, True),

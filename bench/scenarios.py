@@ -93,10 +93,11 @@ class Counters:
 # -- 1. added time to first token -------------------------------------------------------------
 
 
-async def _direct_first_token(env: Env, script: Script) -> tuple[float, float]:
-    """(seconds to the first token, of which after the upstream wrote it), reading the upstream directly."""
+async def _direct_first_token(env: Env, script: Script) -> tuple[float, float, float]:
+    """(seconds to the first token, of which after the upstream wrote it, of which before the upstream began
+    the answer), reading the upstream directly. The upstream stamps token 0 at its start + `script.delay`."""
     body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": script.message()}]}
-    start = time.perf_counter()
+    start, start_ns = time.perf_counter(), time.monotonic_ns()
     first = None
     async with env.http.post(env.upstream.url + "/v1/chat/completions", json=body) as response:
         async for line in response.content:
@@ -104,39 +105,46 @@ async def _direct_first_token(env: Env, script: Script) -> tuple[float, float]:
                 received = time.monotonic_ns()
                 first = time.perf_counter() - start
                 content = json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
-                relay = (received - parse_tokens(content)[0][1]) / 1e9
+                stamped = parse_tokens(content)[0][1]
+                relay = (received - stamped) / 1e9
+                began = (stamped - start_ns) / 1e9 - script.delay
     assert first is not None
-    return first, relay
+    return first, relay, began
 
 
-async def _served_first_token(env: Env, server: Server, script: Script) -> tuple[float, float]:
-    """The same through the server: POST /sessions, then GET /events/<id>."""
-    start = time.perf_counter()
+async def _served_first_token(env: Env, server: Server, script: Script) -> tuple[float, float, float, float]:
+    """The same through the server (POST /sessions, then GET /events/<id>), and the POST's round trip."""
+    start, start_ns = time.perf_counter(), time.monotonic_ns()
     sid = await client.start(env.http, server.url, script)
+    posted = time.perf_counter() - start
     first = None
     async with client.events_request(env.http, server.url, sid) as response:
         async for received, got in client.frames(response):
             tokens = [f for f in got if f.event == "token"]
             if first is None and tokens:
                 first = time.perf_counter() - start
-                relay = (received - parse_tokens(tokens[0].text())[0][1]) / 1e9
+                stamped = parse_tokens(tokens[0].text())[0][1]
+                relay = (received - stamped) / 1e9
+                began = (stamped - start_ns) / 1e9 - script.delay
             if got[-1].event in ("done", "error"):
                 break
     assert first is not None
-    return first, relay
+    return first, relay, began, posted
 
 
 async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str, Any]:
     """Each run: the upstream directly, then through the server; added = the pair's difference."""
     script = Script(tokens=2, rate=1000.0, delay=delay)
-    direct, served, relayed = [], [], []
+    direct, served, relayed, began, posted = [], [], [], [], []
     for i in range(runs + 20):
-        d, d_relay = await _direct_first_token(env, script)
-        s, s_relay = await _served_first_token(env, server, script)
+        d, d_relay, d_began = await _direct_first_token(env, script)
+        s, s_relay, s_began, s_posted = await _served_first_token(env, server, script)
         if i >= 20:  # the first runs warm connections and imports
             direct.append(d * 1e3)
             served.append(s * 1e3)
             relayed.append((s_relay - d_relay) * 1e3)
+            began.append((s_began - d_began) * 1e3)
+            posted.append(s_posted * 1e3)
     added = [s - d for s, d in zip(served, direct, strict=True)]
     before = [a - r for a, r in zip(added, relayed, strict=True)]
     return {
@@ -151,6 +159,10 @@ async def ttft(env: Env, server: Server, *, runs: int, delay: float) -> dict[str
         "added_before_upstream_p50": pct(before, 50),
         "added_after_upstream_p50": pct(relayed, 50),
         "added_after_upstream_p99": pct(relayed, 99),
+        # of the part before: how much later the upstream began answering than when asked directly, and
+        # the POST /sessions round trip (which the upstream's start may overlap)
+        "upstream_began_later_p50": pct(began, 50),
+        "post_p50": pct(posted, 50),
         "added": added,
     }
 

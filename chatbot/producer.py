@@ -49,7 +49,14 @@ class _Writer:
     """
 
     def __init__(
-        self, store: Store, batcher: _Batcher, session_id: str, on_cancel: asyncio.Future[None], metrics: Metrics
+        self,
+        store: Store,
+        batcher: _Batcher,
+        session_id: str,
+        on_cancel: asyncio.Future[None],
+        metrics: Metrics,
+        *,
+        held: bool = False,
     ) -> None:
         self._store = store
         self._batcher = batcher
@@ -61,7 +68,8 @@ class _Writer:
         self._runs: list[tuple[str, str]] = []  # closed runs before _pending: (event, text)
         self._in_doubt = False  # _runs[0] is an entry whose append may have landed: it goes again as it was
         self._pieces = 0  # provider deltas waiting, for the tokens-relayed counter
-        self._flying = False  # queued for, or inside, a batch
+        # queued for, or inside, a batch; also while `held`: text waits until `release()` (the session is stored)
+        self._flying = held
         self._drained: asyncio.Future[None] | None = None  # made when something waits for `_flying` to end
         self._outage_since: float | None = None
         self._started = time.monotonic()
@@ -94,6 +102,12 @@ class _Writer:
             self._runs.append((self._kind, "".join(self._pending)))
             self._pending.clear()
         self._kind = kind
+
+    def release(self) -> None:
+        """Start sending the text held since the writer was made `held` (its session is stored now)."""
+        self._flying = bool(self._pending or self._runs)
+        if self._flying:
+            self._batcher.schedule(self)
 
     def take(self) -> tuple[list[tuple[str, str]], int]:
         """The next entry, as [(event, text)], and how many deltas it joins; called by the batcher.
@@ -389,14 +403,18 @@ class Producers:
         *,
         conversation_id: str | None = None,
         sources: Sequence[Mapping[str, str]] = (),
+        stored: asyncio.Future[None] | None = None,
     ) -> None:
         """Start generating; with a conversation id, the turn joins that conversation's history when it ends.
 
-        `sources` ({"title", "url"} each), if any, are the answer's first event.
+        `sources` ({"title", "url"} each), if any, are the answer's first event. With `stored`, the upstream
+        request starts now but nothing is written until that future is done: its result says the session is
+        stored; cancelling it says the session never will be, and the answer is dropped without a write.
         """
         cancel = self._cancels[session_id] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._generate(session_id, messages, cancel, conversation_id, sources), name=f"generate-{session_id}"
+            self._generate(session_id, messages, cancel, conversation_id, sources, stored),
+            name=f"generate-{session_id}",
         )
         self._tasks[session_id] = task
         self.on_generating(session_id, True)
@@ -462,14 +480,21 @@ class Producers:
         cancel: asyncio.Future[None],
         conversation_id: str | None,
         sources: Sequence[Mapping[str, str]],
+        stored: asyncio.Future[None] | None,
     ) -> None:
-        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics)
+        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics, held=stored is not None)
+        # The upstream request starts now, while the session may still be on its way to the store: its text
+        # waits in the held writer (time to first token: bench/RESULTS.md).
+        copy = asyncio.create_task(self._copy(messages, writer), name=f"copy-{session_id}")
+        if stored is not None and not await _until_stored(stored, copy):
+            return
         turn = (conversation_id, messages[-1].content)
         outcome = "failed"
         try:
             if sources:
                 await writer.put(events.SOURCES, events.sources_data(sources))
-            finish = await self._relay(messages, writer, cancel)
+            writer.release()
+            finish = await self._relay(copy, cancel)
             await writer.drain()
             if finish.finish_reason in ("stop", "length") and not "".join(writer.stored).strip():
                 raise ProviderError(EMPTY_ANSWER, "The AI provider's answer had no text.", retryable=True)
@@ -504,6 +529,9 @@ class Producers:
             log.exception("session %s: generation failed", session_id)
             await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         finally:
+            if not copy.done():  # the answer ended before its copy loop was let run (the store failed)
+                copy.cancel()
+                await asyncio.wait({copy})
             log.info(
                 "session %s outcome %s entries %d",
                 session_id,
@@ -513,9 +541,8 @@ class Producers:
             )
             self._metrics.sessions.labels(outcome.partition(":")[0]).inc()
 
-    async def _relay(self, messages: Sequence[Message], writer: _Writer, cancel: asyncio.Future[None]) -> Finish:
-        """Run the copy loop until the answer ends, or stop it when a cancel arrives."""
-        relay = asyncio.create_task(self._copy(messages, writer))
+    async def _relay(self, relay: asyncio.Task[Finish], cancel: asyncio.Future[None]) -> Finish:
+        """Let the copy loop run until the answer ends, or stop it when a cancel arrives."""
         try:
             either: set[asyncio.Future[Any]] = {relay, cancel}
             await asyncio.wait(either, timeout=self._deadline, return_when=asyncio.FIRST_COMPLETED)
@@ -591,6 +618,29 @@ class Producers:
             except Exception:
                 # Leases lapse if this task ends, and every answer here would be declared lost.
                 log.exception("lease renewal of %d sessions failed", len(sids))
+
+
+async def _until_stored(stored: asyncio.Future[None], copy: asyncio.Task[Finish]) -> bool:
+    """Wait for the session to be stored: True once it is; False, with `copy` stopped, if it never will be.
+
+    Raises CancelledError, with `copy` stopped, when this task itself is cancelled meanwhile.
+    """
+    try:
+        await asyncio.shield(stored)  # a cancel of this task must not be taken for the store's answer
+        return True
+    except asyncio.CancelledError:
+        copy.cancel()
+        await asyncio.wait({copy})
+        if not copy.cancelled():
+            copy.exception()  # it ended before the cancel (say, the upstream refused): nothing to report
+        if stored.cancelled() and not _cancelling():
+            return False
+        raise
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
 
 
 def _status(finish: Finish) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any, NoReturn
@@ -102,14 +103,22 @@ async def _start(request: web.Request, body: dict[str, Any], message: str, conve
     await _rate_limit(request)
     store = request.app[STORE]
     turns = await store.history(conversation_id) if "conversation_id" in body else []
-    found = await _knowledge(request, message, turns)  # first: no new wait between storing a session and spawning
+    found = await _knowledge(request, message, turns)
     session_id = ids.new_id()
-    await store.create_session(session_id, conversation_id, message)
     messages = history.messages(
         request.app[SETTINGS].system_prompt, turns, message, knowledge=None if found is None else found.passages
     )
     sources = [] if found is None else found.sources
-    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id, sources=sources)
+    # The producer starts its upstream request while the session is being stored; it writes nothing
+    # before `stored` is set, and drops the answer if the session could not be stored.
+    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id, sources=sources, stored=stored)
+    try:
+        await store.create_session(session_id, conversation_id, message)
+    except BaseException:
+        stored.cancel()
+        raise
+    stored.set_result(None)
     return session_id
 
 

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from redis import asyncio as aioredis
 
 from chatbot.app import create_app
 from chatbot.settings import Settings
 from tests.conftest import make_settings
-from tests.helpers import create_session, first_event, get_session, text_of, wait_terminal
+from tests.helpers import assert_problem, create_session, first_event, get_session, text_of, wait_terminal
 from tests.oracle import stall_writes_repeatedly
 from tests.providers_fakes import FakeUpstream, Reply, anthropic_events, openai_events, split_bytes
 
@@ -369,3 +370,66 @@ async def test_history_drops_oldest_turns_beyond_the_character_cap(
     await answer(client, "c" * 10, conversation_id=cid)  # the first turn goes
     await answer(client, "d", conversation_id=cid)
     assert _sent_turns(upstream.requests[3]) == ["b" * 10, "x" * 40, "c" * 10, "x" * 40, "d"]
+
+
+async def test_the_upstream_request_starts_while_the_session_is_being_stored(
+    api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any, redis_url: str
+) -> None:
+    """Time to first token: the model is asked before the store has answered. Its whole answer arrives while
+    Redis holds every write back (CLIENT PAUSE), and the reader still gets all of it, in order, once the
+    session is stored."""
+    words = [f"word{i} " for i in range(30)]
+    upstream.script(Reply(events_for(api)(words)))
+    client = await serve(provider_settings(api, upstream, monkeypatch, redis_url=redis_url, rate_limit=0))
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+        posting = asyncio.create_task(client.post("/sessions", json={"message": "Quick, while Redis sleeps"}))
+        for _ in range(60):
+            if upstream.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.requests, "the upstream was not asked while the session was being stored"
+        assert not posting.done(), "the POST was answered before Redis accepted a write: the test tested nothing"
+        resp = await posting
+        assert resp.status == 201, await resp.text()
+        created = await resp.json()
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    stream = await wait_terminal(client, created["id"])
+    assert text_of(stream.events) == "".join(words)
+    assert done_payload(stream)["finish_reason"] == "stop"
+    assert (await get_session(client, created["id"]))["text"] == "".join(words)
+
+
+@pytest.mark.parametrize("fault", ["out-of-memory", "read-only"])
+async def test_a_session_that_cannot_be_stored_drops_its_upstream_request_and_writes_nothing(
+    api: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, serve: Any, redis_url: str, fault: str
+) -> None:
+    endless = events_for(api)(["tick "])
+    body = 2 if api == "openai" else 4  # events before the first delta
+    upstream.script(Reply(endless[:body], pause=0.01, forever=endless[body]), Reply(events_for(api)(["fine"])))
+    client = await serve(provider_settings(api, upstream, monkeypatch, redis_url=redis_url, rate_limit=0))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    setting = ("maxmemory", "1") if fault == "out-of-memory" else ("replica-read-only", "yes")
+    try:
+        if fault == "out-of-memory":
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set(*setting)
+        else:  # a failed-over node that became a replica refuses every write
+            await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # nobody there: it stays a read-only replica
+        # Held for a moment first, so that the upstream is surely asked before the store says no.
+        await admin.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+        resp = await client.post("/sessions", json={"message": "Count forever"})
+        problem = await assert_problem(resp, 503)
+        assert problem["type"].endswith("/store-unavailable")
+        assert len(upstream.requests) == 1
+        await asyncio.wait_for(upstream.disconnected.wait(), 2)  # given up at once, not read to its end
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+    assert [k for k in await admin.keys("*") if not k.startswith("chatbot:rate")] == []
+    await admin.aclose()
+    _, stream = await answer(client, "And now?")  # the instance is fine once the store is
+    assert text_of(stream.events) == "fine"
