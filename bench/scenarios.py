@@ -493,27 +493,42 @@ async def _snapshot(server: Server, folder: Path, index: int) -> Path:
 async def stream_memory(
     env: Env, server: Server, *, streams: int, sessions: int, open_rate: float, folder: Path, top: int = 25
 ) -> dict[str, Any]:
-    """Heap growth per open stream, by the line that allocated it: which objects a reader costs."""
+    """Heap growth per open stream, and per held answer before it, by the line that allocated it."""
     import tracemalloc
 
     idle = Script(tokens=0, hold=True)
+    empty = await _snapshot(server, folder, 0)
     sids = [await client.start(env.http, server.url, idle) for _ in range(sessions)]
     await asyncio.sleep(1.0)
-    before = await _snapshot(server, folder, 0)
+    before = await _snapshot(server, folder, 1)
     readers, tasks, _ = await _open_readers(env, server, sids, streams, open_rate, 120)
     await asyncio.sleep(2.0)
-    after = await _snapshot(server, folder, 1)
+    after = await _snapshot(server, folder, 2)
     await _upstream(env, "release")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
-    diff = tracemalloc.Snapshot.load(str(after)).compare_to(tracemalloc.Snapshot.load(str(before)), "lineno")
-    per = max(1, readers.opened)
-    total = sum(d.size_diff for d in diff)
-    lines = [
-        (f"{_short_path(d.traceback[0].filename)}:{d.traceback[0].lineno}", d.size_diff / per, d.count_diff / per)
-        for d in diff[:top]
-    ]
-    return {"streams": readers.opened, "traced_bytes_per_stream": total / per, "lines": lines}
+
+    def grown(new: Path, old: Path, count: int) -> tuple[float, list[tuple[str, float, float]]]:
+        diff = tracemalloc.Snapshot.load(str(new)).compare_to(tracemalloc.Snapshot.load(str(old)), "lineno")
+        lines = [
+            (
+                f"{_short_path(d.traceback[0].filename)}:{d.traceback[0].lineno}",
+                d.size_diff / count,
+                d.count_diff / count,
+            )
+            for d in diff[:top]
+        ]
+        return sum(d.size_diff for d in diff) / count, lines
+
+    per_stream, lines = grown(after, before, max(1, readers.opened))
+    per_answer, answer_lines = grown(before, empty, sessions)
+    return {
+        "streams": readers.opened,
+        "traced_bytes_per_stream": per_stream,
+        "lines": lines,
+        "traced_bytes_per_answer": per_answer,
+        "answer_lines": answer_lines,
+    }
 
 
 def _written(path: Path) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
+from aiohttp.web_protocol import RequestHandler
 
 from .events import SEP
 
@@ -107,6 +108,14 @@ class EventStream(web.StreamResponse):
         self.enable_chunked_encoding()
         writer = await super().prepare(request)
         self._heartbeats.add(self)
+        # aiohttp arms a keep-alive timer when a connection opens (75 s); a stream that began is busy, so the
+        # timer could only find it so and lapse: dropping it now saves its 0.5 KB per open stream. aiohttp
+        # sets the connection's keep-alive anew from this response when the stream ends.
+        protocol = request.protocol
+        if isinstance(protocol, RequestHandler):
+            protocol.keep_alive(True)
+        # The headers are on their way (serialized, then sent with the first write): the dict need not be kept.
+        self.headers.clear()
         return writer
 
     def on_gone(self, callback: Callable[[], None]) -> None:

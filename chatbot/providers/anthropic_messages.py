@@ -17,7 +17,7 @@ import httpx2
 from anthropic.types import MessageParam
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
-from .transport import AiohttpTransport, event_stream, relay_body
+from .transport import AiohttpTransport, event_stream, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class AnthropicProvider:
                 response = await stack.enter_async_context(request)
             except anthropic.APIError as exc:
                 raise _failure(exc) from exc
-            async for item in relay_body(await event_stream(response.http_response), EventParser()):
+            async for item in relay_body(await event_stream(take_body(response.http_response)), EventParser()):
                 yield item
 
     async def aclose(self) -> None:

@@ -6,7 +6,6 @@ error classes); the streamed body is parsed here, straight off the socket.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -17,7 +16,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
-from .transport import AiohttpTransport, event_stream, relay_body
+from .transport import AiohttpTransport, event_stream, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +61,25 @@ class OpenAIProvider:
         }
         if self._max_tokens is not None:
             body["max_tokens"] = self._max_tokens
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                sent = await self._client.post(
-                    "/chat/completions",
-                    cast_to=ChatCompletionChunk,
-                    body=body,
-                    stream=True,
-                    stream_cls=openai.AsyncStream[ChatCompletionChunk],
-                )
-            except openai.APIError as exc:
-                raise _failure(exc) from exc
-            stack.push_async_callback(sent.response.aclose)
-            async for item in relay_body(await event_stream(sent.response), ChunkParser()):
+        try:
+            sent = await self._client.post(
+                "/chat/completions",
+                cast_to=ChatCompletionChunk,
+                body=body,
+                stream=True,
+                stream_cls=openai.AsyncStream[ChatCompletionChunk],
+            )
+        except openai.APIError as exc:
+            raise _failure(exc) from exc
+        # Only the body is kept while the answer streams: the SDK's stream and the httpx2 request and response
+        # with their headers are 7 KB an answer (bench/RESULTS.md, memory per answer).
+        raw = take_body(sent.response)
+        del sent
+        try:
+            async for item in relay_body(await event_stream(raw), ChunkParser()):
                 yield item
+        finally:
+            await raw.aclose()
 
     async def aclose(self) -> None:
         await self._client.close()

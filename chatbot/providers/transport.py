@@ -191,25 +191,25 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             self._session = None
 
 
-def raw_body(response: httpx2.Response) -> aiohttp.StreamReader:
-    """The aiohttp reader under a response this transport produced (httpx2 wraps the stream, not extensions)."""
+def take_body(response: httpx2.Response) -> RawBody:
+    """The body under a response this transport produced. Closing it (`RawBody.aclose`) closes the answer,
+    so a provider need keep nothing else of the SDK's or httpx2's objects while the answer streams."""
     body = response.extensions.get(_BODY)
     if not isinstance(body, RawBody):
         raise TypeError("the response was not produced by AiohttpTransport")
-    return body.content
+    return body
 
 
 FIRST_BYTES = 64  # of a body that is not an event stream, quoted in the error
 
 
-async def event_stream(response: httpx2.Response) -> aiohttp.StreamReader:
-    """The body of a streamed answer; ProviderError `upstream_bad_response` if it is not `text/event-stream`."""
-    body = raw_body(response)
-    content_type = response.headers.get("content-type", "")
+async def event_stream(body: RawBody) -> aiohttp.StreamReader:
+    """The reader of a streamed answer; ProviderError `upstream_bad_response` if it is not `text/event-stream`."""
+    content_type = body.response.headers.get("Content-Type", "")
     if content_type.partition(";")[0].strip().lower() == "text/event-stream":
-        return body
+        return body.content
     try:
-        first = await body.read(FIRST_BYTES)
+        first = await body.content.read(FIRST_BYTES)
     except _READ_ERRORS:
         first = b""
     log.warning("the upstream answered %s instead of an event stream: %r", content_type or "(none)", first)
