@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import fakeredis
+import hiredis
 import redis.asyncio as aioredis
 from fakeredis.aioredis import FakeAsyncRedisConnection
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
@@ -357,6 +358,30 @@ class AppendResult:
     cancel_requested: bool
 
 
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis's C `pack_command` instead of redis-py's Python packer.
+
+    redis-py's asyncio connections always pack in Python, re-joining the growing buffer once per argument:
+    for the batcher's one call of a four-entry batch (20 arguments) 32 µs against hiredis's 4 (1 entry: 17
+    against 2.4). Arguments are encoded as redis-py encodes them (str as strict UTF-8, so a lone surrogate
+    fails the same way); a type hiredis does not take goes to redis-py's packer, which raises its own error.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str) and " " in first:  # "CLIENT SETINFO": the words go as separate arguments
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return super().pack_command(*args)
+
+
+def _with_hiredis_packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`cls` (plain, TLS or Unix-socket connection, as the URL chose) with hiredis's packer."""
+    return type(cls.__name__, (_HiredisPacking, cls), {})
+
+
 def open_redis(settings: Settings) -> aioredis.Redis:
     """One bounded pool for the whole process (CHATBOT_REDIS_POOL_SIZE connections, the hub's pub/sub
     included); embedded fakeredis without a URL.
@@ -390,6 +415,7 @@ def open_redis(settings: Settings) -> aioredis.Redis:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -16,8 +16,11 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection as RedisPyConnection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatbot import ids, store
@@ -76,5 +79,43 @@ async def test_a_redis_that_stops_answering_fails_a_call_in_time_and_later_calls
         for _ in range(3):
             got = await asyncio.gather(st.session(second), st.session(first))
             assert [m.message if m else None for m in got] == ["the second", "the first"]
+    finally:
+        await st.close()
+
+
+PACKED = [
+    ("EVALSHA", "f" * 40, 0, 10_000, 3600, "sid", "token", '{"t": "héllo 😀 \\u2028"}', "1700000000000-0"),
+    ("CLIENT SETINFO", "LIB-NAME", "redis-py"),
+    ("SET", b"raw \x00\xff bytes", 2**70),
+    ("XADD", "chatbot:{x}:stream", "MAXLEN", "~", 1000, "*", "e", "token", "d", ""),
+]
+
+
+@pytest.mark.parametrize("command", PACKED, ids=["evalsha", "two-word-name", "bytes-and-big-int", "empty-value"])
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(command: tuple[Any, ...]) -> None:
+    ours = store._with_hiredis_packing(RedisPyConnection)()
+    theirs = RedisPyConnection()
+    assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+
+
+def test_a_lone_surrogate_fails_to_pack_as_it_does_in_redis_py() -> None:
+    """Model output can hold one (JSON's "\\ud800"): it must fail that session's append, as before."""
+    ours = store._with_hiredis_packing(RedisPyConnection)()
+    with pytest.raises(UnicodeEncodeError):
+        ours.pack_command("XADD", "k", "*", "d", "bad \ud800")
+    with pytest.raises(UnicodeEncodeError):
+        RedisPyConnection().pack_command("XADD", "k", "*", "d", "bad \ud800")
+
+
+async def test_the_store_talks_to_redis_through_the_hiredis_packer(own_redis: RedisServer) -> None:
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    st = await store.open_store(settings, owner="test")
+    try:
+        assert isinstance(st.redis, Redis)
+        assert issubclass(st.redis.connection_pool.connection_class, store._HiredisPacking)
+        sid, message = ids.new_id(), 'héllo 😀 "quoted" \\ back\r\nslash \x00 nul'
+        await st.create_session(sid, ids.new_id(), message)
+        meta = await st.session(sid)
+        assert meta is not None and meta.message == message
     finally:
         await st.close()
