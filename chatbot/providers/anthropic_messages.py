@@ -6,7 +6,6 @@ retries, error classes); the streamed events are parsed here, straight off the s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -61,20 +60,25 @@ class AnthropicProvider:
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         turns = [cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"]
-        async with contextlib.AsyncExitStack() as stack:
-            request = self._client.messages.with_streaming_response.create(
+        try:
+            sent = await self._client.messages.create(
                 model=self._model,
                 max_tokens=self._max_tokens,
                 messages=turns,
                 stream=True,
                 system=system or anthropic.omit,
             )
-            try:
-                response = await stack.enter_async_context(request)
-            except anthropic.APIError as exc:
-                raise _failure(exc) from exc
-            async for item in relay_body(await event_stream(take_body(response.http_response)), EventParser()):
+        except anthropic.APIError as exc:
+            raise _failure(exc) from exc
+        # The SDK returns once the status is known and has not read the body. Only the body is kept while the
+        # answer streams, not the SDK's stream nor httpx2's request and response (as in openai_compat).
+        raw = take_body(sent.response)
+        del sent
+        try:
+            async for item in relay_body(await event_stream(raw), EventParser()):
                 yield item
+        finally:
+            await raw.aclose()
 
     async def aclose(self) -> None:
         await self._client.close()
