@@ -11,7 +11,7 @@ import httpx_sse
 import pytest
 from aiohttp.test_utils import TestClient
 
-from chatbot import events
+from chatbot import events, eventstream
 from chatbot.eventstream import HEARTBEAT
 from chatbot.settings import Settings
 from tests.helpers import create_session, wait_terminal
@@ -77,3 +77,26 @@ async def test_httpx_sse_sees_no_phantom_events(client: TestClient[Any, Any]) ->
     assert [sse.event for sse in seen] == ["token"] * 4
     assert all(sse.json()["text"] for sse in seen)
     assert seen[0].retry == 1000
+
+
+@pytest.mark.settings(**IDLE)
+async def test_every_open_stream_gets_its_heartbeats_when_a_round_is_written_in_slices(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round writes SLICE heartbeats per turn of the event loop (so 10,000 streams do not hold answers back)."""
+    monkeypatch.setattr(eventstream, "SLICE", 2)
+    sid = (await create_session(client))["id"]
+    responses = [await client.get(f"/events/{sid}") for _ in range(5)]
+
+    async def heartbeats(resp: Any) -> int:
+        raw = b""
+        async with asyncio.timeout(10):
+            while raw.count(HEARTBEAT) < 3:
+                raw += await resp.content.readany()
+        return raw.count(HEARTBEAT)
+
+    try:
+        assert min(await asyncio.gather(*(heartbeats(r) for r in responses))) >= 3
+    finally:
+        for resp in responses:
+            resp.close()
