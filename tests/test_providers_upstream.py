@@ -383,7 +383,7 @@ async def test_the_upstream_request_starts_while_the_session_is_being_stored(
     client = await serve(provider_settings(api, upstream, monkeypatch, redis_url=redis_url, rate_limit=0))
     admin = aioredis.Redis.from_url(redis_url)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+        await admin.client_pause(800, all=False)  # writes wait; reads go on
         posting = asyncio.create_task(client.post("/sessions", json={"message": "Quick, while Redis sleeps"}))
         for _ in range(60):
             if upstream.requests:
@@ -395,7 +395,7 @@ async def test_the_upstream_request_starts_while_the_session_is_being_stored(
         assert resp.status == 201, await resp.text()
         created = await resp.json()
     finally:
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.client_unpause()
         await admin.aclose()
     stream = await wait_terminal(client, created["id"])
     assert text_of(stream.events) == "".join(words)
@@ -418,9 +418,9 @@ async def test_a_session_that_cannot_be_stored_drops_its_upstream_request_and_wr
             await admin.config_set("maxmemory-policy", "noeviction")
             await admin.config_set(*setting)
         else:  # a failed-over node that became a replica refuses every write
-            await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # nobody there: it stays a read-only replica
+            await admin.replicaof("127.0.0.1", 1)  # nobody there: it stays a read-only replica
         # Held for a moment first, so that the upstream is surely asked before the store says no.
-        await admin.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+        await admin.client_pause(300, all=False)
         resp = await client.post("/sessions", json={"message": "Count forever"})
         problem = await assert_problem(resp, 503)
         assert problem["type"].endswith("/store-unavailable")
@@ -428,8 +428,8 @@ async def test_a_session_that_cannot_be_stored_drops_its_upstream_request_and_wr
         await asyncio.wait_for(upstream.disconnected.wait(), 2)  # given up at once, not read to its end
     finally:
         await admin.config_set("maxmemory", "0")
-        await admin.execute_command("REPLICAOF", "NO", "ONE")
-    assert [k for k in await admin.keys("*") if not k.startswith("chatbot:rate")] == []
+        await admin.replicaof("NO", "ONE")
+    assert [k for k in await admin.keys("*") if not str(k).startswith("chatbot:rate")] == []
     await admin.aclose()
     _, stream = await answer(client, "And now?")  # the instance is fine once the store is
     assert text_of(stream.events) == "fine"
