@@ -82,8 +82,8 @@ class Heartbeats:
                     log.exception("heartbeat failed; ending that stream")
                     stream.gone()
                 if done % SLICE == 0:
-                    # A write costs tens of µs (bench/RESULTS.md): 10,000 in one go held every answer back
-                    # for a few hundred ms. Between slices the loop serves everything else.
+                    # A write costs tens of µs here (bench/RESULTS.md): a round over 10,000 streams in one
+                    # turn would hold everything else for a few hundred ms. Between slices the loop serves it.
                     await asyncio.sleep(0)
 
 
