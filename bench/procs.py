@@ -152,6 +152,12 @@ class RedisServer(Proc):
         stats = self.client.info("commandstats")
         return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
+    def command_usec(self) -> dict[str, int]:
+        """Redis's own µs per command since start (INFO commandstats; a script's commands count in the
+        script's `evalsha` too)."""
+        stats = self.client.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(value["usec"]) for name, value in stats.items()}
+
     def service_connections(self) -> int:
         """Connections other than the harness's own (which are named `bench`)."""
         clients = self.client.client_list()
@@ -201,6 +207,13 @@ class RedisCluster:
         for node in self.nodes:
             for name, calls in node.commands().items():
                 total[name] = total.get(name, 0) + calls
+        return total
+
+    def command_usec(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for node in self.nodes:
+            for name, usec in node.command_usec().items():
+                total[name] = total.get(name, 0) + usec
         return total
 
     def service_connections(self) -> int:

@@ -271,6 +271,8 @@ async def _peers(
                     env, server, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
                 )
             each["service"].append(_service_figures(step))
+            spent = ", ".join(f"{name} {us:.1f}" for name, us in step["redis_command_us_per_token"].items())
+            _log(f"    Redis µs per token by command: {spent}")
             _log(f"{where}: service, each reader on a second instance")
             with (
                 _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server,

@@ -69,12 +69,13 @@ class Counters:
             "load_cpu": time.process_time() + self.env.upstream.cpu_seconds() + self.env.redis.cpu_seconds(),
             "redis_cpu": self.env.redis.cpu_seconds(),
             "cmds": self.env.redis.commands(),
+            "usec": self.env.redis.command_usec(),
         }
 
     def begin(self) -> None:
         self.start = self.snapshot()
 
-    def end(self) -> dict[str, float]:
+    def end(self) -> dict[str, Any]:
         end = self.snapshot()
         wall = end["t"] - self.start["t"]
         deltas = {k: end["cmds"].get(k, 0) - self.start["cmds"].get(k, 0) for k in end["cmds"]}
@@ -87,6 +88,7 @@ class Counters:
             "redis_cpu": end["redis_cpu"] - self.start["redis_cpu"],
             "commands": executed - inner,
             "commands_executed": executed,
+            "usec": {k: v - self.start["usec"].get(k, 0) for k, v in end["usec"].items() if k not in HARNESS},
         }
 
 
@@ -271,6 +273,12 @@ async def relay_step_across(
         "tokens_per_event": tokens / stats.events_in_window if stats.events_in_window else float("nan"),
         "load_core_busy": used["load_busy"],
         "redis_us_per_token": used["redis_cpu"] * 1e6 / tokens if tokens else float("nan"),
+        # where Redis's time went, by command (a script's commands are counted again inside `evalsha`)
+        "redis_command_us_per_token": {
+            name: usec / tokens for name, usec in sorted(used["usec"].items(), key=lambda kv: -kv[1])[:8] if usec
+        }
+        if tokens
+        else {},
         "upstream_late_p99": late["late_p99_ms"],
         "errors": stats.errors,
         "gaps": stats.gaps,
