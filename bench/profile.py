@@ -121,6 +121,23 @@ async def relay(env: scenarios.Env, server: Server, config: Config, out: Path, r
     return {"step": step, **await spying}
 
 
+async def relay_across(
+    env: scenarios.Env, producer: Server, reader: Server, config: Config, out: Path, rate: float
+) -> dict[str, Any]:
+    """One relay step at `rate` with every reader on a second instance, py-spy on both for the measured window."""
+    seconds, warm = config.profile_seconds, 2.0
+    after = 0.2 + 1.0 + warm
+    spying = [
+        asyncio.create_task(_record(server, out / f"profile-across-{name}.txt", after=after, seconds=seconds))
+        for name, server in (("producer", producer), ("reader", reader))
+    ]
+    step = await scenarios.relay_step_across(
+        env, producer, reader, rate=rate, per_session=config.per_session, seconds=seconds + warm + 1, warm=warm
+    )
+    producing, reading = await asyncio.gather(*spying)
+    return {"step": step, "producer": producing, "reader": reading}
+
+
 async def ttft(env: scenarios.Env, server: Server, config: Config, out: Path) -> dict[str, Any]:
     """Answers one after the other, as in the TTFT measurement: where a session's set-up time goes."""
     seconds = config.profile_seconds

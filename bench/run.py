@@ -214,6 +214,12 @@ async def _target(
         rate = min([config.profile_rate, *broke])
         _log(f"  {kind} profile at {rate:.0f} tok/s (py-spy)")
         out["profile"] = await fresh(lambda s: profile.relay(env, s, config, out_dir, rate))
+        _log(f"  {kind} profile at {rate:.0f} tok/s, each reader on a second instance (py-spy on both)")
+        with (
+            _server(kind, cores, redis, upstream, out_dir, extra_env) as producer,
+            _server(kind, cores, redis, upstream, out_dir, extra_env) as reader,
+        ):
+            out["profile_across"] = await profile.relay_across(env, producer, reader, config, out_dir, rate)
         _log(f"  {kind} profile of sequential answers (py-spy)")
         out["profile_ttft"] = await fresh(lambda s: profile.ttft(env, s, config, out_dir))
     return out

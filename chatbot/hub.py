@@ -421,6 +421,9 @@ class Hub:
             topic.ready.set()
             if topic.cursor is not None:
                 self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
+        elif kind == "message" and message["data"] is None:  # undecodable (DirectPubSub): the stream says
+            if topic.cursor is not None:
+                self._mark_dirty(session_id)
         elif kind == "message":
             notice = Notice.parse(message["data"])
             if notice.previous is not None and notice.event is not None:

@@ -45,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import events, history, keys
 from .history import Turn
+from .pubsub import DirectPubSub
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -605,11 +606,22 @@ class Store:
     def notices(self) -> Any:
         """A new pub/sub for hints, shaped like redis-py's PubSub (subscribe, unsubscribe, get_message, aclose).
 
-        On a cluster it is a ShardedNotices: SSUBSCRIBE on the master that owns each channel's slot.
+        On a cluster it is a ShardedNotices: SSUBSCRIBE on the master that owns each channel's slot. On one
+        Redis over TCP or a Unix socket it is a DirectPubSub (`pubsub.py`: a fifth of redis-py's CPU per
+        message); over TLS, and on the embedded store, redis-py's own PubSub.
         """
         if isinstance(self.redis, RedisCluster):
             return ShardedNotices(self.redis, self._url)
-        return self.redis.pubsub()
+        options = parse_url(self._url) if self._url else {"connection_class": FakeAsyncRedisConnection}
+        if "connection_class" in options and "path" not in options:
+            return self.redis.pubsub()
+        return DirectPubSub(
+            host=options.get("host", "localhost"),
+            port=options.get("port", 6379),
+            path=options.get("path"),
+            username=options.get("username"),
+            password=options.get("password"),
+        )
 
     # -- sessions ---------------------------------------------------------------------------------
 

@@ -79,9 +79,16 @@ class RedisServer:
     """A throw-away redis-server process on a free loopback port; persistence only if asked for."""
 
     def __init__(
-        self, port: int | None = None, *, appendonly: bool = False, extra: list[str] | None = None, log: bool = False
+        self,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        extra: list[str] | None = None,
+        log: bool = False,
+        password: str | None = None,  # the default user's (requirepass)
     ) -> None:
         self.appendonly = appendonly
+        self.password = password
         self.extra = extra or []
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -110,12 +117,13 @@ class RedisServer:
                 "4000",
                 *(["--logfile", str(self.log)] if self.log else []),
                 *self.extra,
+                *(["--requirepass", password] if (password := self.password) else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5)
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -132,7 +140,7 @@ class RedisServer:
             client.close()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, decode_responses=True)
 
     def log_tail(self, lines: int) -> str:
         """The last lines of the server's log, if it keeps one."""
