@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.exceptions import AuthenticationError, ResponseError
@@ -136,8 +136,7 @@ class _Protocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 import redis
+import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -195,3 +197,21 @@ async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_b
     finally:
         await close_promptly(reader)
         await close_promptly(producer)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        test_messages_come_in_order_with_the_acknowledgements_redis_py_gives,
+        test_a_message_that_is_not_utf8_comes_without_data_and_the_next_one_comes_as_usual,
+        test_a_connection_the_server_closes_makes_the_next_read_fail,
+        test_a_server_that_stops_answering_is_given_up_after_two_health_periods,
+    ],
+    ids=lambda scenario: scenario.__name__.removeprefix("test_")[:40],
+)
+def test_the_same_on_uvloop_which_chatbot_serve_runs(
+    scenario: Callable[..., Coroutine[Any, Any, None]], own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvloop's transports differ from asyncio's (they do not subclass asyncio.Transport, for one).
+    wants = inspect.signature(scenario).parameters
+    uvloop.run(scenario(own_redis, monkeypatch) if "monkeypatch" in wants else scenario(own_redis))
