@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
+# llama.cpp for the `model` extra, compiled once (cmake, a C++ compiler; about ten minutes on two cores) for
+# x86-64 with AVX2 rather than for this CPU: a native build uses AMX wherever the CPU reports it, and on a VM
+# that reports AMX without enabling it the model server died of a general protection fault (`ldtilecfg` in
+# ggml's AMX matrix product) on every prompt of more than one token. Its own pip cache, so that a wheel once
+# built natively is never taken instead.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_PIP_CACHE  ?= $(HOME)/.cache/chatbot-llama-avx2
 $(DEV): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,browser,model]'  # model: compiles llama.cpp once (cmake, a C++ compiler)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PIP_CACHE_DIR="$(LLAMA_PIP_CACHE)" $(BIN)/pip install --quiet \
+	  "$$(grep -o 'llama-cpp-python\[server\]==[0-9.]*' pyproject.toml)"
+	$(BIN)/pip install --quiet -e '.[dev,browser,model]'
 	touch $(DEV)
 
 run: $(STAMP)

@@ -9,7 +9,8 @@ gets one notice per token, so that cost is paid per token there.
 `get_message`, `aclose`; messages as dicts with `type`, `channel` and `data`). An asyncio protocol parses
 every complete reply of each read with hiredis (the parser redis-py itself uses) into an inbox that
 `get_message` empties without suspending. It speaks RESP2 over TCP or a Unix socket, with AUTH when the URL
-has a password; a TLS URL keeps redis-py's `PubSub` (`Store.notices`).
+has a password and CLIENT SETNAME when it names the client; a TLS URL keeps redis-py's `PubSub`
+(`Store.notices`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ class DirectPubSub:
         path: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        client_name: str | None = None,
         connect_timeout: float | None = 2.0,
     ) -> None:
         self._where = path if path is not None else f"{host}:{port}"
         self._host, self._port, self._path = host, port, path
         self._username, self._password = username, password
+        self._client_name = client_name
         self._connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
@@ -111,6 +114,11 @@ class DirectPubSub:
                     if isinstance(reply, hiredis.ReplyError):
                         protocol.close()
                         raise AuthenticationError(f"pub/sub AUTH at {self._where}: {reply}")
+                if self._client_name is not None:  # as redis-py names its connections (CLIENT LIST)
+                    reply = await protocol.request(_pack("CLIENT", "SETNAME", self._client_name))
+                    if isinstance(reply, hiredis.ReplyError):
+                        protocol.close()
+                        raise ResponseError(f"pub/sub CLIENT SETNAME at {self._where}: {reply}")
         except TimeoutError as exc:
             raise RedisConnectionError(f"pub/sub connection to {self._where} timed out") from exc
         except OSError as exc:

@@ -383,9 +383,15 @@ def _with_hiredis_packing(cls: type[AbstractConnection]) -> type[AbstractConnect
     return type(cls.__name__, (_HiredisPacking, cls), {})
 
 
+def _direct_notices(url: str | None) -> bool:
+    """Whether the hub's notices come over a DirectPubSub (one Redis over TCP or a Unix socket), a connection
+    outside the pool, rather than redis-py's PubSub, which takes one of the pool's (TLS, the embedded store)."""
+    return url is not None and not url.startswith("rediss://")
+
+
 def open_redis(settings: Settings) -> aioredis.Redis:
     """One bounded pool for the whole process (CHATBOT_REDIS_POOL_SIZE connections, the hub's pub/sub
-    included); embedded fakeredis without a URL.
+    included: the pool holds one less when it is a DirectPubSub); embedded fakeredis without a URL.
 
     redis-py's plain pool fails at once when full; the store admits only as many calls at a time as it has
     connections for (`_gated`). Its blocking pool would wait instead, but takes a condition, a timer and a
@@ -403,7 +409,7 @@ def open_redis(settings: Settings) -> aioredis.Redis:
     else:
         pool = aioredis.ConnectionPool.from_url(
             settings.redis_url,
-            max_connections=settings.redis_pool_size,
+            max_connections=settings.redis_pool_size - (1 if _direct_notices(settings.redis_url) else 0),
             decode_responses=True,
             socket_connect_timeout=2.0,
             # No timeout per socket operation: with one, redis-py wraps every send in a task of its own
@@ -566,7 +572,8 @@ class Store:
         # The producer ends an answer before this many events; MAXLEN only guards against a runaway.
         self._maxlen = settings.max_answer_events + 16
         self._owner = owner
-        # Calls in flight at once (`_gated`): on one Redis, the hub's pub/sub holds one of the pool's connections.
+        # Calls in flight at once (`_gated`): on one Redis, the hub's pub/sub holds one of the pool size's
+        # connections (of the pool's own, or beside a pool one smaller: `open_redis`).
         self._slots = asyncio.Semaphore(settings.redis_pool_size - (0 if self.cluster else 1))
         self._call_timeout = None if self.cluster else CALL_TIMEOUT_SECONDS
         # The id of each local producer's last entry ("0-0" before its first): the id before its next entry,
@@ -612,15 +619,16 @@ class Store:
         """
         if isinstance(self.redis, RedisCluster):
             return ShardedNotices(self.redis, self._url)
-        options = parse_url(self._url) if self._url else {"connection_class": FakeAsyncRedisConnection}
-        if "connection_class" in options and "path" not in options:
+        if not _direct_notices(self._url or None):
             return self.redis.pubsub()
+        options = parse_url(self._url)
         return DirectPubSub(
             host=options.get("host", "localhost"),
             port=options.get("port", 6379),
             path=options.get("path"),
             username=options.get("username"),
             password=options.get("password"),
+            client_name=name if isinstance(name := options.get("client_name"), str) else None,
         )
 
     # -- sessions ---------------------------------------------------------------------------------

@@ -121,6 +121,18 @@ async def test_it_logs_in_where_redis_asks_for_a_password(user: str | None) -> N
             await none.get_message(timeout=5.0)
 
 
+async def test_it_takes_the_client_name_the_url_gives(own_redis: RedisServer) -> None:
+    pubsub = await _notices(f"{own_redis.url}?client_name=relay-7")
+    try:
+        await pubsub.subscribe("h")
+        await _until(pubsub, "subscribe")
+        with own_redis.client() as client:
+            named = [c for c in client.client_list() if c.get("name") == "relay-7"]
+        assert [c["sub"] for c in named] == ["1"]  # the subscribed connection is the named one
+    finally:
+        await pubsub.aclose()
+
+
 async def test_a_connection_the_server_closes_makes_the_next_read_fail(own_redis: RedisServer) -> None:
     pubsub = await _notices(own_redis.url)
     try:

@@ -44,7 +44,7 @@ def _clients(server: RedisServer) -> int:
 async def test_a_burst_of_calls_stays_within_the_pool(own_redis: RedisServer) -> None:
     settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
     st = await store.open_store(settings, owner="test")
-    pubsub = st.notices()  # as the hub does: it holds one of the pool's connections
+    pubsub = st.notices()  # as the hub does: one of the pool size's connections, beside the pool
     await pubsub.subscribe("chatbot:cancel")
     try:
         sids = [ids.new_id() for _ in range(40)]
