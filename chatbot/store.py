@@ -614,7 +614,7 @@ class Store:
         """A new pub/sub for hints, shaped like redis-py's PubSub (subscribe, unsubscribe, get_message, aclose).
 
         On a cluster it is a ShardedNotices: SSUBSCRIBE on the master that owns each channel's slot. On one
-        Redis over TCP or a Unix socket it is a DirectPubSub (`pubsub.py`: a fifth of redis-py's CPU per
+        Redis over TCP or a Unix socket it is a DirectPubSub (`pubsub.py`: a third of redis-py's CPU per
         message); over TLS, and on the embedded store, redis-py's own PubSub.
         """
         if isinstance(self.redis, RedisCluster):
