@@ -44,6 +44,10 @@ class DirectPubSub:
     """
 
     HEALTH_SECONDS = 30.0
+    # Messages parsed and not yet taken: past this the connection stops reading until half are taken, so a
+    # caller that falls behind leaves them in Redis's output buffer (whose `client-output-buffer-limit
+    # pubsub` then closes the connection, as it would redis-py's) instead of growing this process.
+    INBOX_LIMIT = 4096
 
     def __init__(
         self,
@@ -104,11 +108,9 @@ class DirectPubSub:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:
-                    _, protocol = await loop.create_unix_connection(lambda: _Protocol(self.HEALTH_SECONDS), self._path)
+                    _, protocol = await loop.create_unix_connection(self._protocol_factory, self._path)
                 else:
-                    _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self.HEALTH_SECONDS), self._host, self._port
-                    )
+                    _, protocol = await loop.create_connection(self._protocol_factory, self._host, self._port)
                 if self._password is not None:
                     named = () if self._username is None else (self._username,)
                     reply = await protocol.request(_pack("AUTH", *named, self._password))
@@ -126,11 +128,14 @@ class DirectPubSub:
             raise RedisConnectionError(f"pub/sub connection to {self._where}: {exc}") from exc
         return protocol
 
+    def _protocol_factory(self) -> _Protocol:
+        return _Protocol(self.HEALTH_SECONDS, self.INBOX_LIMIT)
+
 
 class _Protocol(asyncio.Protocol):
     """The connection's reader: every complete reply of a read goes to the inbox in that same callback."""
 
-    def __init__(self, health_seconds: float) -> None:
+    def __init__(self, health_seconds: float, inbox_limit: int) -> None:
         self._reader = hiredis.Reader()  # bytes: each message is decoded apart, so a bad one stays its own
         self._inbox: deque[dict[str, Any]] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -141,6 +146,8 @@ class _Protocol(asyncio.Protocol):
         self._heard = False
         self._pinged = False
         self._health: asyncio.TimerHandle | None = None
+        self._inbox_limit = inbox_limit
+        self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -166,6 +173,9 @@ class _Protocol(asyncio.Protocol):
                 break
             self._take(reply)
         if self._inbox:
+            if len(self._inbox) >= self._inbox_limit and self._transport is not None and not self._paused:
+                self._paused = True
+                self._transport.pause_reading()
             self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -186,7 +196,7 @@ class _Protocol(asyncio.Protocol):
 
     async def next(self, timeout: float | None) -> dict[str, Any] | None:  # noqa: ASYNC109
         if self._inbox:
-            return self._inbox.popleft()
+            return self._pop()
         self.raise_if_broken()
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
@@ -198,9 +208,17 @@ class _Protocol(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         if self._inbox:
-            return self._inbox.popleft()
+            return self._pop()
         self.raise_if_broken()
         return None
+
+    def _pop(self) -> dict[str, Any]:
+        message = self._inbox.popleft()
+        if self._paused and len(self._inbox) <= self._inbox_limit // 2 and self._failure is None:
+            self._paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return message
 
     def raise_if_broken(self) -> None:
         if self._failure is not None:
@@ -259,7 +277,7 @@ class _Protocol(asyncio.Protocol):
         """Every `health_seconds`: PING a quiet connection, close one that did not answer the last PING."""
         if self._failure is not None:
             return
-        if self._heard:
+        if self._heard or self._paused:  # paused: not reading by choice, the caller is behind
             self._heard, self._pinged = False, False
         elif self._pinged:
             self._fail(RedisConnectionError(f"pub/sub connection silent for {2 * self._health_seconds:.0f}s"))

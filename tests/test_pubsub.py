@@ -81,6 +81,46 @@ async def test_messages_come_in_order_with_the_acknowledgements_redis_py_gives(o
         await pubsub.aclose()
 
 
+async def test_a_caller_that_falls_behind_leaves_messages_in_redis_and_loses_none(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DirectPubSub, "INBOX_LIMIT", 100)
+    pubsub = await _notices(own_redis.url)
+    try:
+        await pubsub.subscribe("slow")
+        await _until(pubsub, "subscribe")
+        with own_redis.client() as client:
+            pipe = client.pipeline(transaction=False)
+            for i in range(20_000):
+                pipe.publish("slow", f"{i:05d}" + "x" * 1000)  # 20 MB: below the default hard limit, 32 MB
+            pipe.execute()
+            await asyncio.sleep(0.3)  # the connection reads until its inbox is full, then stops
+            (sub,) = [c for c in client.client_list() if c["sub"] == "1"]
+        # What this process has not read waits in Redis's output buffer for this client (the sockets' own
+        # buffers hold a few MB more).
+        assert int(sub["omem"]) > 10_000_000, sub
+        got = await _until(pubsub, "message", 20_000)
+        assert [m["data"] for m in got] == [f"{i:05d}" + "x" * 1000 for i in range(20_000)]
+    finally:
+        await pubsub.aclose()
+
+
+async def test_messages_of_megabytes_come_whole(own_redis: RedisServer) -> None:
+    pubsub = await _notices(own_redis.url)
+    try:
+        await pubsub.subscribe("big")
+        await _until(pubsub, "subscribe")
+        bodies = [f"{i}:" + "é" * (1_500_000 + i) for i in range(4)]  # about 3 MB each, in one pipeline
+        with own_redis.client() as client:
+            pipe = client.pipeline(transaction=False)
+            for body in bodies:
+                pipe.publish("big", body)
+            pipe.execute()
+        assert [m["data"] for m in await _until(pubsub, "message", 4)] == bodies
+    finally:
+        await pubsub.aclose()
+
+
 async def test_a_message_that_is_not_utf8_comes_without_data_and_the_next_one_comes_as_usual(
     own_redis: RedisServer,
 ) -> None:
@@ -215,6 +255,7 @@ async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_b
     "scenario",
     [
         test_messages_come_in_order_with_the_acknowledgements_redis_py_gives,
+        test_a_caller_that_falls_behind_leaves_messages_in_redis_and_loses_none,
         test_a_message_that_is_not_utf8_comes_without_data_and_the_next_one_comes_as_usual,
         test_a_connection_the_server_closes_makes_the_next_read_fail,
         test_a_server_that_stops_answering_is_given_up_after_two_health_periods,
