@@ -154,6 +154,18 @@ def _targets(targets: dict[str, Any]) -> list[str]:
             f"offered ({step['achieved']:,.0f} achieved, p99 {step['p99']:.1f} ms)"
         )
         lines += _profile(title, prof)
+    across = service.get("profile_across")
+    if across:
+        step = across["step"]
+        for role in ("producer", "reader"):
+            prof = across[role]
+            if "self" in prof:
+                title = (
+                    f"Profile of the {role} instance, each reader on a second instance (py-spy, {prof['samples']} "
+                    f"samples) at {step['offered']:,.0f} tok/s offered ({step['tokens_per_cpu_s']:,.0f} tokens per "
+                    f"CPU-second of both)"
+                )
+                lines += _profile(title, prof)
     prof = service.get("profile_ttft")
     if prof and "self" in prof:
         title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
