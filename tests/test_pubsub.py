@@ -10,12 +10,13 @@ on the answer's notice channel: the reader still gets the model's whole text, on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -48,6 +49,18 @@ async def _notices(url: str) -> Any:
     st = await store.open_store(settings, owner="test")
     await st.close()
     return st.notices()
+
+
+@contextlib.asynccontextmanager
+async def _subscribed(url: str, channel: str) -> AsyncIterator[Any]:
+    """The store's notices, subscribed to `channel` (acknowledged), closed at the end."""
+    pubsub = await _notices(url)
+    try:
+        await pubsub.subscribe(channel)
+        await _until(pubsub, "subscribe")
+        yield pubsub
+    finally:
+        await pubsub.aclose()
 
 
 async def _until(pubsub: Any, kind: str, count: int = 1) -> list[dict[str, Any]]:
@@ -85,10 +98,7 @@ async def test_a_caller_that_falls_behind_leaves_messages_in_redis_and_loses_non
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(DirectPubSub, "INBOX_LIMIT", 100)
-    pubsub = await _notices(own_redis.url)
-    try:
-        await pubsub.subscribe("slow")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(own_redis.url, "slow") as pubsub:
         with own_redis.client() as client:
             pipe = client.pipeline(transaction=False)
             for i in range(20_000):
@@ -101,15 +111,10 @@ async def test_a_caller_that_falls_behind_leaves_messages_in_redis_and_loses_non
         assert int(sub["omem"]) > 10_000_000, sub
         got = await _until(pubsub, "message", 20_000)
         assert [m["data"] for m in got] == [f"{i:05d}" + "x" * 1000 for i in range(20_000)]
-    finally:
-        await pubsub.aclose()
 
 
 async def test_messages_of_megabytes_come_whole(own_redis: RedisServer) -> None:
-    pubsub = await _notices(own_redis.url)
-    try:
-        await pubsub.subscribe("big")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(own_redis.url, "big") as pubsub:
         bodies = [f"{i}:" + "é" * (1_500_000 + i) for i in range(4)]  # about 3 MB each, in one pipeline
         with own_redis.client() as client:
             pipe = client.pipeline(transaction=False)
@@ -117,24 +122,17 @@ async def test_messages_of_megabytes_come_whole(own_redis: RedisServer) -> None:
                 pipe.publish("big", body)
             pipe.execute()
         assert [m["data"] for m in await _until(pubsub, "message", 4)] == bodies
-    finally:
-        await pubsub.aclose()
 
 
 async def test_a_message_that_is_not_utf8_comes_without_data_and_the_next_one_comes_as_usual(
     own_redis: RedisServer,
 ) -> None:
-    pubsub = await _notices(own_redis.url)
-    try:
-        await pubsub.subscribe("c")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(own_redis.url, "c") as pubsub:
         with redis.Redis(host="127.0.0.1", port=own_redis.port) as client:
             client.publish("c", b"\xff\xfe not text")
             client.publish("c", "text")
         got = await _until(pubsub, "message", 2)
         assert [m["data"] for m in got] == [None, "text"]
-    finally:
-        await pubsub.aclose()
 
 
 @pytest.mark.parametrize("user", [None, "relay"])
@@ -162,22 +160,14 @@ async def test_it_logs_in_where_redis_asks_for_a_password(user: str | None) -> N
 
 
 async def test_it_takes_the_client_name_the_url_gives(own_redis: RedisServer) -> None:
-    pubsub = await _notices(f"{own_redis.url}?client_name=relay-7")
-    try:
-        await pubsub.subscribe("h")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(f"{own_redis.url}?client_name=relay-7", "h"):
         with own_redis.client() as client:
             named = [c for c in client.client_list() if c.get("name") == "relay-7"]
         assert [c["sub"] for c in named] == ["1"]  # the subscribed connection is the named one
-    finally:
-        await pubsub.aclose()
 
 
 async def test_a_connection_the_server_closes_makes_the_next_read_fail(own_redis: RedisServer) -> None:
-    pubsub = await _notices(own_redis.url)
-    try:
-        await pubsub.subscribe("e")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(own_redis.url, "e") as pubsub:
         with own_redis.client() as client:
             assert client.client_kill_filter(_type="pubsub") == 1
         started = time.monotonic()
@@ -186,18 +176,13 @@ async def test_a_connection_the_server_closes_makes_the_next_read_fail(own_redis
         assert time.monotonic() - started < 1
         with pytest.raises(RedisConnectionError):
             await pubsub.subscribe("f")  # the hub opens a new one instead
-    finally:
-        await pubsub.aclose()
 
 
 async def test_a_server_that_stops_answering_is_given_up_after_two_health_periods(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(DirectPubSub, "HEALTH_SECONDS", 0.3)
-    pubsub = await _notices(own_redis.url)
-    try:
-        await pubsub.subscribe("g")
-        await _until(pubsub, "subscribe")
+    async with _subscribed(own_redis.url, "g") as pubsub:
         assert await pubsub.get_message(timeout=1.0) is None  # quiet but alive: the PING was answered
         assert own_redis.proc is not None
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
@@ -209,8 +194,6 @@ async def test_a_server_that_stops_answering_is_given_up_after_two_health_period
             assert time.monotonic() - started < 1.5
         finally:
             os.kill(own_redis.proc.pid, signal.SIGCONT)
-    finally:
-        await pubsub.aclose()
 
 
 async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_bytes_that_are_not_text(
