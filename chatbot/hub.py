@@ -130,6 +130,7 @@ class _Topic:
     cursor: str | None = None
     ended: bool = False
     last_change: float = field(default_factory=time.monotonic)
+    foreign: bool = False  # a message on its channel was not a notice (logged once)
 
 
 class Hub:
@@ -139,6 +140,7 @@ class Hub:
     QUEUE_LIMIT = 4096
     RECONNECT_DELAY_MAX = 0.5  # a refused connect is cheap; a reader waits on this after Redis is back
     LISTEN_POLL_SECONDS = 1.0
+    LISTEN_SLICE = 256  # messages handled before the listener lets other tasks run
     CLOSE_WAIT_SECONDS = 5.0
 
     def __init__(
@@ -341,12 +343,16 @@ class Hub:
             try:
                 await self._connect_pubsub()
                 delay = 0.05
+                handled = 0
                 while not self._closing:
                     # A bounded wait, not timeout=None: redis-py can swallow a cancel that lands while it
                     # reads (seen with the embedded store), so shutdown also relies on this flag check.
                     message = await self._pubsub.get_message(timeout=self.LISTEN_POLL_SECONDS)
                     if message is not None:
                         await self._handle(message)
+                        handled += 1
+                        if handled % self.LISTEN_SLICE == 0:
+                            await asyncio.sleep(0)  # a DirectPubSub's full inbox is taken without a wait
                 return
             except asyncio.CancelledError:
                 raise
@@ -421,11 +427,16 @@ class Hub:
             topic.ready.set()
             if topic.cursor is not None:
                 self._mark_dirty(topic.session_id)  # notices may have been lost while unsubscribed
-        elif kind == "message" and message["data"] is None:  # undecodable (DirectPubSub): the stream says
-            if topic.cursor is not None:
-                self._mark_dirty(session_id)
         elif kind == "message":
-            notice = Notice.parse(message["data"])
+            try:
+                notice = _notice(message["data"])
+            except ValueError:  # not one of ours (undecodable, or not a notice): the stream says what is new
+                if not topic.foreign:  # once a session: whoever publishes there could flood the log
+                    log.warning("session %s: a message on its channel is not a notice; reading it", session_id)
+                topic.foreign = True
+                if topic.cursor is not None:
+                    self._mark_dirty(session_id)
+                return
             if notice.previous is not None and notice.event is not None:
                 self.entry(session_id, notice.previous, notice.event)
             elif topic.cursor is not None and events.entry_key(notice.id) > events.entry_key(topic.cursor):
@@ -636,3 +647,14 @@ class Hub:
             for sub in topic.subscribers:
                 sub.closed = True
                 sub.wake()
+
+
+def _notice(data: str | None) -> Notice:
+    """A notice whose ids are entry ids; ValueError for anything else on the channel (None: not UTF-8)."""
+    if data is None:
+        raise ValueError("not UTF-8")
+    notice = Notice.parse(data)
+    events.entry_key(notice.id)
+    if notice.previous is not None:
+        events.entry_key(notice.previous)
+    return notice

@@ -78,9 +78,10 @@ class DirectPubSub:
     async def get_message(self, timeout: float | None = None) -> dict[str, Any] | None:  # noqa: ASYNC109
         """The next reply (`subscribe`, `unsubscribe` or `message`), or None after `timeout` seconds.
 
-        Raises RedisConnectionError once the connection is lost, ResponseError on an error reply.
+        Raises RedisConnectionError once the connection is lost, ResponseError on an error reply; the
+        messages that arrived before either come first.
         """
-        protocol = await self._connected()
+        protocol = self._protocol if self._protocol is not None else await self._connected()
         return await protocol.next(timeout)
 
     async def aclose(self) -> None:
@@ -105,27 +106,30 @@ class DirectPubSub:
         if self._closed:
             raise RedisConnectionError("pub/sub connection closed")
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:
                     _, protocol = await loop.create_unix_connection(self._protocol_factory, self._path)
                 else:
                     _, protocol = await loop.create_connection(self._protocol_factory, self._host, self._port)
-                if self._password is not None:
-                    named = () if self._username is None else (self._username,)
-                    reply = await protocol.request(_pack("AUTH", *named, self._password))
+                if self._username or self._password:  # as redis-py: a user without a password sends ""
+                    named = () if not self._username else (self._username,)
+                    reply = await protocol.request(_pack("AUTH", *named, self._password or ""))
                     if isinstance(reply, hiredis.ReplyError):
-                        protocol.close()
                         raise AuthenticationError(f"pub/sub AUTH at {self._where}: {reply}")
                 if self._client_name is not None:  # as redis-py names its connections (CLIENT LIST)
                     reply = await protocol.request(_pack("CLIENT", "SETNAME", self._client_name))
                     if isinstance(reply, hiredis.ReplyError):
-                        protocol.close()
                         raise ResponseError(f"pub/sub CLIENT SETNAME at {self._where}: {reply}")
-        except TimeoutError as exc:
-            raise RedisConnectionError(f"pub/sub connection to {self._where} timed out") from exc
-        except OSError as exc:
-            raise RedisConnectionError(f"pub/sub connection to {self._where}: {exc}") from exc
+        except BaseException as exc:
+            if protocol is not None:  # refused, timed out or cancelled while logging in: no socket left open
+                protocol.close()
+            if isinstance(exc, TimeoutError):
+                raise RedisConnectionError(f"pub/sub connection to {self._where} timed out") from exc
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"pub/sub connection to {self._where}: {exc}") from exc
+            raise
         return protocol
 
     def _protocol_factory(self) -> _Protocol:
@@ -148,6 +152,7 @@ class _Protocol(asyncio.Protocol):
         self._health: asyncio.TimerHandle | None = None
         self._inbox_limit = inbox_limit
         self._paused = False
+        self._warned = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -222,7 +227,7 @@ class _Protocol(asyncio.Protocol):
 
     def raise_if_broken(self) -> None:
         if self._failure is not None:
-            raise self._failure
+            raise self._failure.with_traceback(None)  # raised again on every call: no traceback piling up
 
     def close(self) -> None:
         self._fail(RedisConnectionError("pub/sub connection closed"))
@@ -242,6 +247,8 @@ class _Protocol(asyncio.Protocol):
             self._fail(ResponseError(f"pub/sub reply not understood: {reply!r}"))
             return
         kind, channel, data = reply
+        if not isinstance(kind, bytes) or not isinstance(channel, bytes):
+            return  # UNSUBSCRIBE while subscribed to nothing: a nil channel, nothing to tell
         try:
             message = {
                 "type": kind.decode(),
@@ -249,7 +256,10 @@ class _Protocol(asyncio.Protocol):
                 "data": data if isinstance(data, int) else data.decode(),
             }
         except UnicodeDecodeError:
-            log.warning("a pub/sub message on %r is not UTF-8; its session is read from its stream", channel)
+            (log.debug if self._warned else log.warning)(
+                "a pub/sub message on %r is not UTF-8; its session is read from its stream", channel
+            )
+            self._warned = True  # once a connection: whoever can publish there could flood the log
             try:
                 message = {"type": kind.decode(), "channel": channel.decode(), "data": None}
             except UnicodeDecodeError:

@@ -153,10 +153,24 @@ async def test_it_logs_in_where_redis_asks_for_a_password(user: str | None) -> N
         bad = await _notices(server.url.replace("redis://", f"redis://{user or ''}:wrong@"))
         with pytest.raises(AuthenticationError):
             await bad.subscribe("d")
+        await bad.aclose()
         none = await _notices(server.url)
-        await none.subscribe("d")  # no password: Redis says so in its reply
-        with pytest.raises(ResponseError, match="NOAUTH"):
-            await none.get_message(timeout=5.0)
+        try:
+            await none.subscribe("d")  # no password: Redis says so in its reply
+            with pytest.raises(ResponseError, match="NOAUTH"):
+                await none.get_message(timeout=5.0)
+        finally:
+            await none.aclose()
+
+
+@pytest.mark.parametrize("spelled", ["relay@", "relay:@"])
+async def test_a_user_without_a_password_logs_in_as_that_user(spelled: str) -> None:
+    # As redis-py's pool does (AUTH relay ""); the default user here needs a password, so no AUTH fails.
+    with RedisServer(extra=["--user", "relay", "on", "nopass", "allchannels", "+@all"], password="s3cret") as server:
+        async with _subscribed(server.url.replace("redis://", f"redis://{spelled}"), "u"):
+            with server.client() as client:
+                (sub,) = [c for c in client.client_list() if c["sub"] == "1"]
+            assert sub["user"] == "relay"
 
 
 async def test_it_takes_the_client_name_the_url_gives(own_redis: RedisServer) -> None:
@@ -164,6 +178,59 @@ async def test_it_takes_the_client_name_the_url_gives(own_redis: RedisServer) ->
         with own_redis.client() as client:
             named = [c for c in client.client_list() if c.get("name") == "relay-7"]
         assert [c["sub"] for c in named] == ["1"]  # the subscribed connection is the named one
+
+
+async def test_what_arrived_before_a_lost_connection_is_still_handed_over(own_redis: RedisServer) -> None:
+    async with _subscribed(own_redis.url, "k") as pubsub:
+        with own_redis.client() as client:
+            for i in range(3):
+                client.publish("k", f"before {i}")
+        await asyncio.sleep(0.2)  # read into the inbox, not yet taken
+        with own_redis.client() as client:
+            assert client.client_kill_filter(_type="pubsub") == 1
+        await asyncio.sleep(0.1)  # the loss is seen
+        assert [(await pubsub.get_message(timeout=1.0))["data"] for _ in range(3)] == [f"before {i}" for i in range(3)]
+        with pytest.raises(RedisConnectionError):
+            await pubsub.get_message(timeout=1.0)
+
+
+async def test_unsubscribing_from_nothing_is_harmless(own_redis: RedisServer) -> None:
+    async with _subscribed(own_redis.url, "n") as pubsub:
+        await pubsub.unsubscribe("n")
+        await _until(pubsub, "unsubscribe")
+        await pubsub.unsubscribe()  # Redis answers with a nil channel
+        await pubsub.subscribe("n2")
+        assert [m["channel"] for m in await _until(pubsub, "subscribe")] == ["n2"]
+
+
+def _sockets_to(port: int) -> int:
+    """This process's established TCP connections to `port` on 127.0.0.1."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, gone by now
+            mine.add(os.readlink(f"/proc/self/fd/{fd}"))
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01" and f"socket:[{fields[9]}]" in mine:
+                count += 1
+    return count
+
+
+async def test_a_login_that_times_out_leaves_no_socket_open() -> None:
+    with RedisServer(password="s3cret") as server:
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the kernel still accepts; AUTH gets no reply
+        try:
+            for _ in range(3):
+                pubsub = DirectPubSub(host="127.0.0.1", port=server.port, password="s3cret", connect_timeout=0.3)
+                with pytest.raises(RedisConnectionError, match="timed out"):
+                    await pubsub.subscribe("t")
+            await asyncio.sleep(0.1)
+            assert _sockets_to(server.port) == 0
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
 
 
 async def test_a_connection_the_server_closes_makes_the_next_read_fail(own_redis: RedisServer) -> None:
@@ -196,7 +263,7 @@ async def test_a_server_that_stops_answering_is_given_up_after_two_health_period
             os.kill(own_redis.proc.pid, signal.SIGCONT)
 
 
-async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_bytes_that_are_not_text(
+async def test_a_reader_elsewhere_gets_the_whole_answer_while_a_foreign_publisher_writes_on_its_channel(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     tokens, message = 150, "a foreign publisher"
@@ -214,9 +281,11 @@ async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_b
         stream = asyncio.create_task(read_stream(reader, sid))
 
         def garble() -> None:
+            # Not UTF-8; text that is no notice; a notice whose ids are not entry ids.
+            junk = [b"\xc3\x28 \xff", b"abc", b"1-0\nzzz\ntoken\n{}", b"7\n8\n9"]
             with redis.Redis.from_url(redis_url) as client:
-                for _ in range(20):
-                    client.publish(keys.notify_channel(sid), b"\xc3\x28 \xff")
+                for i in range(20):
+                    client.publish(keys.notify_channel(sid), junk[i % len(junk)])
                     time.sleep(0.02)
 
         await asyncio.to_thread(garble)
@@ -240,6 +309,7 @@ async def test_a_reader_elsewhere_gets_the_whole_answer_while_its_channel_gets_b
         test_messages_come_in_order_with_the_acknowledgements_redis_py_gives,
         test_a_caller_that_falls_behind_leaves_messages_in_redis_and_loses_none,
         test_a_message_that_is_not_utf8_comes_without_data_and_the_next_one_comes_as_usual,
+        test_what_arrived_before_a_lost_connection_is_still_handed_over,
         test_a_connection_the_server_closes_makes_the_next_read_fail,
         test_a_server_that_stops_answering_is_given_up_after_two_health_periods,
     ],
