@@ -39,8 +39,8 @@ class DirectPubSub:
     `HEALTH_SECONDS` either, the connection counts as dead (a half-open TCP connection, a Redis that stopped
     answering) and is closed, as redis-py's `health_check_interval` would.
 
-    A message whose channel or data is not UTF-8 comes as data None (the caller reads what it names
-    elsewhere) instead of failing the connection.
+    A message whose data is not UTF-8 comes as data None (the caller reads what it names elsewhere) instead
+    of failing the connection; one on a channel that is not UTF-8 (never one subscribed here) is dropped.
     """
 
     HEALTH_SECONDS = 30.0
@@ -145,7 +145,7 @@ class _Protocol(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
         self._failure: Exception | None = None
-        self._reply: asyncio.Future[Any] | None = None  # AUTH's, before any subscription
+        self._reply: asyncio.Future[Any] | None = None  # a login command's (AUTH, CLIENT SETNAME)
         self._health_seconds = health_seconds
         self._heard = False
         self._pinged = False
@@ -194,7 +194,7 @@ class _Protocol(asyncio.Protocol):
         self._transport.write(data)
 
     async def request(self, data: bytes) -> Any:
-        """Write one command before any subscription and return its reply."""
+        """Write one command before any subscription and return its reply (a ReplyError is returned)."""
         self._reply = asyncio.get_running_loop().create_future()
         self.write(data)
         return await self._reply
