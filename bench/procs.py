@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,18 +204,17 @@ class RedisCluster:
         return sum(n.cpu_seconds() for n in self.nodes)
 
     def commands(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for node in self.nodes:
-            for name, calls in node.commands().items():
-                total[name] = total.get(name, 0) + calls
-        return total
+        return self._summed(RedisServer.commands)
 
     def command_usec(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        return self._summed(RedisServer.command_usec)
+
+    def _summed(self, per_node: Callable[[RedisServer], dict[str, int]]) -> dict[str, int]:
+        """A per-command figure of every node, added up by command."""
+        total: Counter[str] = Counter()
         for node in self.nodes:
-            for name, usec in node.command_usec().items():
-                total[name] = total.get(name, 0) + usec
-        return total
+            total.update(per_node(node))  # update adds, and keeps a command that counted 0
+        return dict(total)
 
     def service_connections(self) -> int:
         return sum(n.service_connections() for n in self.nodes)
