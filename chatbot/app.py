@@ -126,6 +126,7 @@ def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignor
             deadline=settings.answer_deadline_seconds,
             reasoning=settings.reasoning == "show",
             on_fatal=fatal,
+            batch_interval=settings.write_batch_interval_ms / 1000,
         )
         hub = Hub(
             store,

@@ -97,6 +97,11 @@ class _Writer:
             self._flying = True
             self._batcher.schedule(self)
 
+    @property
+    def first(self) -> bool:
+        """No text or reasoning of this answer is stored yet: its next entry is its first output."""
+        return not self._output_seen
+
     def _switch(self, kind: str) -> None:
         if self._pending:
             self._runs.append((self._kind, "".join(self._pending)))
@@ -232,18 +237,25 @@ _Batch = list[tuple[_Writer, list[tuple[str, str]], int, list[tuple[str, str, st
 
 
 class _Batcher:
-    """Sends every session's pending text in one pipeline per round trip.
+    """Sends every session's pending text in one round trip per batch, at most one batch per `interval`.
 
-    While a batch is out, each session's new text collects in its writer and goes in the next batch:
-    idle, a token is written at once; under load, the per-command cost of the Redis client (the top of
-    the profile in bench/RESULTS.md) is paid once per batch instead of once per session.
+    While a batch is out, each session's new text collects in its writer and goes in the next batch, and
+    the next batch starts no sooner than `interval` seconds after the last one started: idle, a token is
+    written at once; under load, the cost of a round trip (the Redis client's per-call work, a socket
+    write and read here and in Redis, bench/RESULTS.md) is paid once per batch instead of once per
+    session, and the batches grow with the load rather than with the round trip's speed. An answer's
+    first text or reasoning does not wait: a writer that has stored none yet ends the wait at once, so the
+    time to first token does not grow under load.
     """
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, interval: float = 0.0) -> None:
         self._store = store
         self._metrics = metrics
+        self._interval = interval
         self._queue: dict[str, _Writer] = {}
         self._wake = asyncio.Event()
+        self._pause: asyncio.Future[None] | None = None  # the wait between two batches, while it lasts
+        self._urgent = False  # a writer with its first output is queued
         self._task: asyncio.Task[None] | None = None
 
     def start(self, on_end: Callable[[asyncio.Task[None]], None]) -> None:
@@ -258,11 +270,31 @@ class _Batcher:
     def schedule(self, writer: _Writer) -> None:
         self._queue[writer.sid] = writer
         self._wake.set()
+        if writer.first:
+            self._urgent = True
+            if self._pause is not None:
+                _raise_flag(self._pause)
+
+    async def _until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Wait until loop time `when`, or until a writer with its first output is queued."""
+        self._pause = pause = loop.create_future()
+        timer = loop.call_at(when, _raise_flag, pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pause = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.05
+        sent_at = -self._interval
         while True:
             await self._wake.wait()
+            if not self._urgent and loop.time() < sent_at + self._interval:
+                await self._until(loop, sent_at + self._interval)
+            sent_at = loop.time()
+            self._urgent = False
             self._wake.clear()
             writers = list(self._queue.values())
             self._queue.clear()
@@ -361,6 +393,7 @@ class Producers:
         deadline: float = 600.0,
         reasoning: bool = True,
         on_fatal: Callable[[str], None] = lambda name: None,
+        batch_interval: float = 0.0,
     ) -> None:
         self._store = store
         self._provider = provider
@@ -379,7 +412,7 @@ class Producers:
         # beside the copy task, with no task or `asyncio.Event` of its own (memory per answer, bench/RESULTS.md).
         self._cancels: dict[str, asyncio.Future[None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
-        self._batcher = _Batcher(store, metrics)
+        self._batcher = _Batcher(store, metrics, interval=batch_interval)
         # Told (session id, True) when an answer starts here and (id, False) when it ends: the hub's
         # follow_cancel, so that on a cluster this process hears that session's own cancel notices.
         self.on_generating: Callable[[str, bool], None] = lambda session_id, generating: None

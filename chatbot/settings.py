@@ -38,6 +38,16 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return convert
 
 
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:  # NaN fails too
+            raise ValueError(raw)
+        return value
+
+    return convert
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not 0 < value < float("inf"):
@@ -135,6 +145,8 @@ class Settings:
     heartbeat_seconds: float = 15.0
     sse_retry_ms: int = 1000
     lease_ttl_seconds: float = 5.0
+    # The least time between two batches of appends; the first output of an answer never waits for it.
+    write_batch_interval_ms: float = 2.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     model: str = ""
     max_output_tokens: int | None = None
@@ -196,6 +208,13 @@ class Settings:
             sse_retry_ms=_parse(env, "CHATBOT_SSE_RETRY_MS", d.sse_retry_ms, _int_in(0, 600_000), "milliseconds"),
             lease_ttl_seconds=_parse(
                 env, "CHATBOT_LEASE_TTL_SECONDS", d.lease_ttl_seconds, _positive_float, "seconds > 0"
+            ),
+            write_batch_interval_ms=_parse(
+                env,
+                "CHATBOT_WRITE_BATCH_INTERVAL_MS",
+                d.write_batch_interval_ms,
+                _float_in(0.0, 1000.0),
+                "milliseconds, 0-1000",
             ),
             cors_origins=_parse(env, "CHATBOT_CORS_ORIGINS", d.cors_origins, _origins, "comma-separated origins"),
             model=_model(env, provider),
