@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chatbot import history
 from chatbot.app import make_provider
 from chatbot.providers import Finish, Reasoning, Usage
 from chatbot.providers.anthropic_messages import EventParser
 from chatbot.providers.openai_compat import ChunkParser
-from chatbot.providers.sse_decoder import SSEDecoder
+from chatbot.providers.sse_decoder import SSEDecoder, loads
 from chatbot.settings import Settings, SettingsError
 from tests.providers_fakes import anthropic_events, openai_events
 
@@ -43,6 +47,48 @@ def test_decoder_joins_data_lines_and_ignores_other_fields() -> None:
     assert decoder.feed(b"data: unfinished") == []
     decoder.flush()
     assert decoder.feed(b"\n\n") == []
+
+
+# What json.loads accepts and orjson refuses, or reads otherwise; `loads` must give json's verdict on each.
+JSON_EDGES = [
+    b"NaN",
+    b'{"a": -Infinity}',
+    b'{"a": 1e999}',
+    b'"\\ud800 lone surrogate"',
+    b"\xef\xbb\xbf{}",  # a byte order mark
+    b'{"a": "\xff"}',  # not UTF-8
+    b"[1,]",
+    b"",
+    b'{"a": 1, "a": 2}',
+    b'  {"choices": [{"delta": {"content": "caf\\u00e9"}}]}  ',
+]
+
+
+def _verdict(parse: Any, data: bytes) -> Any:
+    try:
+        value = parse(data)
+    except ValueError as exc:
+        return type(exc)
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+
+@pytest.mark.parametrize("data", JSON_EDGES)
+def test_event_data_is_read_as_json_reads_it(data: bytes) -> None:
+    assert _verdict(loads, data) == _verdict(json.loads, data)
+
+
+_SMALL_INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+_JSON = st.recursive(
+    st.none() | st.booleans() | _SMALL_INTS | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_JSON, st.booleans())
+def test_any_json_within_64_bit_integers_is_read_as_json_reads_it(value: Any, ascii_only: bool) -> None:
+    data = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert _verdict(loads, data) == _verdict(json.loads, data)
 
 
 def test_openai_parser_keeps_text_finish_and_usage() -> None:

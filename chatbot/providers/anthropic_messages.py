@@ -6,7 +6,6 @@ retries, error classes); the streamed events are parsed here, straight off the s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
@@ -16,6 +15,7 @@ import httpx2
 from anthropic.types import MessageParam
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from .sse_decoder import loads as json_loads
 from .transport import AiohttpTransport, event_stream, relay_body, take_body
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class EventParser:
         return Finish(self.reason, self._usage())
 
     def take(self, events: list[bytes], out: list[str | Reasoning]) -> Finish | None:
-        loads = json.loads
+        loads = json_loads
         for data in events:
             event = loads(data)
             if type(event) is not dict:

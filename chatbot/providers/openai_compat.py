@@ -6,7 +6,6 @@ error classes); the streamed body is parsed here, straight off the socket.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from .sse_decoder import loads as json_loads
 from .transport import AiohttpTransport, event_stream, relay_body, take_body
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class ChunkParser:
         return Finish(self.reason, self.usage)
 
     def take(self, events: list[bytes], out: list[str | Reasoning]) -> Finish | None:
-        loads = json.loads
+        loads = json_loads
         for data in events:
             if data == b"[DONE]":
                 return Finish(self.reason, self.usage)
