@@ -55,11 +55,20 @@ _PACKAGES = (
     ("threading", "executor threads"),
     ("logging/", "logging"),
     ("json/", "json"),
+    ("libc.so", "system calls and libc (--native)"),
 )
 
 
-def summarise(raw: str, top: int = 20) -> dict[str, Any]:
-    """py-spy's collapsed stacks → self and inclusive shares of the samples per file:function."""
+# A stack of the service's main thread (the event loop's) holds this frame; `chatbot serve` runs it.
+MAIN_FRAME = "_run_module_as_main"
+
+
+def summarise(raw: str, top: int = 20, *, main_thread: bool = False) -> dict[str, Any]:
+    """py-spy's collapsed stacks → self and inclusive shares of the samples per file:function.
+
+    With `main_thread`, only stacks under MAIN_FRAME count: in py-spy's native mode an idle executor
+    thread waiting on its queue is sampled as busy, and it would dilute every share.
+    """
     packages: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -67,6 +76,8 @@ def summarise(raw: str, top: int = 20) -> dict[str, Any]:
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
+            continue
+        if main_thread and MAIN_FRAME not in stack:
             continue
         count = int(count_text)
         total += count
@@ -91,19 +102,27 @@ def summarise(raw: str, top: int = 20) -> dict[str, Any]:
     }
 
 
-async def _record(server: Server, raw: Path, *, after: float, seconds: float) -> dict[str, Any]:
-    """py-spy (sampling, nonblocking) on the server from `after` seconds from now, for `seconds`."""
+async def _record(server: Server, raw: Path, *, after: float, seconds: float, native: bool = False) -> dict[str, Any]:
+    """py-spy on the server from `after` seconds from now, for `seconds`.
+
+    Python frames only, without pausing the server (`--nonblocking`); or, with `native`, C frames too
+    (system calls, uvloop, the interpreter), which py-spy can only take by pausing it for each sample,
+    and then only the main thread's samples are summarised.
+    """
     binary = py_spy()
     if binary is None:
         return {"error": "py-spy not found"}
     await asyncio.sleep(after)
+    mode = "--native" if native else "--nonblocking"
     spy = await asyncio.create_subprocess_exec(
-        binary, "record", "--nonblocking", "--rate", "250", "--format", "raw", "--duration", str(int(seconds)),
+        binary, "record", mode, "--rate", "250", "--format", "raw", "--duration", str(int(seconds)),
         "--pid", str(server.pid), "--output", str(raw),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     code = await spy.wait()  # py-spy replaces any earlier output file
-    return summarise(text) if (text := _read(raw)) is not None else {"error": f"py-spy exited {code}"}
+    if (text := _read(raw)) is None:
+        return {"error": f"py-spy exited {code}"}
+    return {**summarise(text, main_thread=native), "native": native}
 
 
 def _read(path: Path) -> str | None:
@@ -114,7 +133,15 @@ async def relay(env: scenarios.Env, server: Server, config: Config, out: Path, r
     """One relay step at `rate`, py-spy attached for its measured window."""
     seconds, warm = config.profile_seconds, 2.0
     # relay_step's start, its ramp of answers, then warm-up
-    spying = asyncio.create_task(_record(server, out / "profile-relay.txt", after=0.2 + 1.0 + warm, seconds=seconds))
+    spying = asyncio.create_task(
+        _record(
+            server,
+            out / "profile-relay.txt",
+            after=0.2 + 1.0 + warm,
+            seconds=seconds,
+            native=bool(config.profile_native),
+        )
+    )
     step = await scenarios.relay_step(
         env, server, rate=rate, per_session=config.per_session, seconds=seconds + warm + 1, warm=warm
     )
@@ -128,7 +155,15 @@ async def relay_across(
     seconds, warm = config.profile_seconds, 2.0
     after = 0.2 + 1.0 + warm
     spying = [
-        asyncio.create_task(_record(server, out / f"profile-across-{name}.txt", after=after, seconds=seconds))
+        asyncio.create_task(
+            _record(
+                server,
+                out / f"profile-across-{name}.txt",
+                after=after,
+                seconds=seconds,
+                native=bool(config.profile_native),
+            )
+        )
         for name, server in (("producer", producer), ("reader", reader))
     ]
     step = await scenarios.relay_step_across(
@@ -141,6 +176,8 @@ async def relay_across(
 async def ttft(env: scenarios.Env, server: Server, config: Config, out: Path) -> dict[str, Any]:
     """Answers one after the other, as in the TTFT measurement: where a session's set-up time goes."""
     seconds = config.profile_seconds
-    spying = asyncio.create_task(_record(server, out / "profile-ttft.txt", after=1.0, seconds=seconds))
+    spying = asyncio.create_task(
+        _record(server, out / "profile-ttft.txt", after=1.0, seconds=seconds, native=bool(config.profile_native))
+    )
     measured = await scenarios.ttft(env, server, runs=int(seconds * 60) + 60, delay=config.ttft_delay)
     return {"added_p50": measured["added_p50"], **await spying}

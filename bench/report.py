@@ -150,7 +150,7 @@ def _targets(targets: dict[str, Any]) -> list[str]:
     if prof and "self" in prof:
         step = prof["step"]
         title = (
-            f"Service profile under relay load (py-spy, {prof['samples']} samples) at {step['offered']:,.0f} tok/s "
+            f"Service profile under relay load ({_spy(prof)}) at {step['offered']:,.0f} tok/s "
             f"offered ({step['achieved']:,.0f} achieved, p99 {step['p99']:.1f} ms)"
         )
         lines += _profile(title, prof)
@@ -161,16 +161,23 @@ def _targets(targets: dict[str, Any]) -> list[str]:
             prof = across[role]
             if "self" in prof:
                 title = (
-                    f"Profile of the {role} instance, each reader on a second instance (py-spy, {prof['samples']} "
-                    f"samples) at {step['offered']:,.0f} tok/s offered ({step['tokens_per_cpu_s']:,.0f} tokens per "
+                    f"Profile of the {role} instance, each reader on a second instance ({_spy(prof)}) at"
+                    f" {step['offered']:,.0f} tok/s offered ({step['tokens_per_cpu_s']:,.0f} tokens per "
                     f"CPU-second of both)"
                 )
                 lines += _profile(title, prof)
     prof = service.get("profile_ttft")
     if prof and "self" in prof:
-        title = f"Service profile of answers one at a time, as in the TTFT runs (py-spy, {prof['samples']} samples)"
+        title = f"Service profile of answers one at a time, as in the TTFT runs ({_spy(prof)})"
         lines += _profile(title, prof)
     return lines
+
+
+def _spy(prof: dict[str, Any]) -> str:
+    """How a profile was taken, for its title."""
+    if prof.get("native"):
+        return f"py-spy --native, the main thread's {prof['samples']} samples"
+    return f"py-spy, {prof['samples']} samples"
 
 
 def _over(ours: float | None, theirs: float | None) -> str:

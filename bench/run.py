@@ -63,6 +63,7 @@ class Config:
     resume_drop_mean: float = 0.6  # seconds between drops, exponential
     profile_rate: float = 20000.0
     profile_seconds: float = 8.0
+    profile_native: int = 0  # 1: py-spy --native (C frames and system calls; pauses the server per sample)
     cluster_rates: tuple[float, ...] = (1000, 3000, 5000)  # the relay on one Redis and on three masters
     # the peers' workload: C answers (each entry) × peer_tps tokens/s × peer_tokens tokens, interleaved runs
     peer_channels: tuple[float, ...] = (100, 400)

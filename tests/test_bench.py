@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.client import Frames
+from bench.profile import summarise
 from bench.upstream import Script, parse_tokens, token_event
 from chatbot import events
 from chatbot.eventstream import HEARTBEAT
@@ -30,6 +31,26 @@ TINY = {
     "resume_arrival": "20",
     "resume_drop_mean": "0.15",
 }
+
+
+# py-spy --native's raw output, cut down: the event loop's thread reading a socket, an idle executor thread.
+NATIVE_RAW = (
+    "_run_module_as_main (<frozen runpy>:198);main (chatbot/cli.py:82);Loop__run (uvloop/loop.c);"
+    "uv__read (libuv/src/unix/stream.c);read (libc.so.6) 30\n"
+    "_run_module_as_main (<frozen runpy>:198);main (chatbot/cli.py:82);"
+    "relay_body (chatbot/providers/transport.py:255) 10\n"
+    "Thread._bootstrap (threading.py:995);_worker (concurrent/futures/thread.py:81);"
+    "_queue_SimpleQueue_get (_queuemodule.c);0x7ff6ecea3f16 (libc.so.6) 60\n"
+)
+
+
+def test_a_native_profile_counts_the_main_thread_and_names_system_calls() -> None:
+    everything = summarise(NATIVE_RAW)
+    assert everything["samples"] == 100
+    main = summarise(NATIVE_RAW, main_thread=True)
+    assert main["samples"] == 40
+    assert dict(main["self"]) == {"libc.so.6:read": 75.0, "chatbot/providers/transport.py:relay_body": 25.0}
+    assert dict(main["packages"])["system calls and libc (--native)"] == 75.0
 
 
 def test_frames_agree_with_the_spec_parser_however_the_bytes_are_cut() -> None:
