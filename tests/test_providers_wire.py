@@ -77,6 +77,12 @@ def test_event_data_is_read_as_json_reads_it(data: bytes) -> None:
     assert _verdict(loads, data) == _verdict(json.loads, data)
 
 
+def test_event_data_is_parsed_by_orjson() -> None:
+    # The documented difference, and the proof that orjson, not json, read it: json keeps the integer.
+    assert loads(b"18446744073709551616") == 18446744073709551616.0
+    assert type(loads(b"18446744073709551616")) is float
+
+
 _SMALL_INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 _JSON = st.recursive(
     st.none() | st.booleans() | _SMALL_INTS | st.floats(allow_nan=False) | st.text(),
