@@ -22,7 +22,7 @@ def loads(data: bytes) -> Any:
     what orjson refuses goes to `json.loads`, whose verdict stands, so no data that `json` accepted is
     refused now (NaN, Infinity, numbers out of a double's range, escaped lone surrogates, a byte order
     mark). Two differences remain: an integer beyond 64 bits comes back as a float, and arrays or objects
-    nested 1,000 to 1,023 deep are read (json's recursion limit refused them; orjson's is 1,024).
+    nested 1,000 to 1,024 deep are read (json's recursion limit refused them; orjson's is 1,024).
     """
     try:
         return orjson.loads(data)
