@@ -913,6 +913,15 @@ class Store:
         and the slot map is refreshed. A MOVED or ASK reply is followed by redis-py.
         """
         if not isinstance(self.redis, RedisCluster):
+            if len(commands) == 1:
+                # The batcher's one EVALSHA per batch: a plain call is the same command, the same retries
+                # after a dropped connection and the same reply parsing, for a third less of redis-py's CPU
+                # (a pipeline adds its own object, list building and a task for `reset`'s shield; figures
+                # in bench/RESULTS.md, `bench/store_call_cost.py`).
+                try:
+                    return [await self.redis.execute_command(*commands[0])]
+                except ResponseError as exc:  # as the pipeline's raise_on_error=False gives it
+                    return [exc]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for command in commands:
                     pipe.execute_command(*command)
