@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Tally(Collector):
+    """A counter without labels that is bumped per token: a plain number, read by the registry at scrape time.
+
+    Exposed as a prometheus_client `Counter` is (`<name>_total` and `<name>_created`), through the
+    library's custom-collector interface. A `Counter` takes a lock on every `inc`, for other threads; this
+    one is only touched from the event loop's thread. Two of them were counted once per token, or once per
+    token per reader (bench/RESULTS.md).
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.value = 0
+        self._name = name
+        self._documentation = documentation
+        self._created = time.time()
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self.value, created=self._created)
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation)]
 
 
 class Metrics:
@@ -20,10 +49,10 @@ class Metrics:
             "chatbot_active_generations", "Answers being generated on this instance.", registry=r
         )
         self.sessions = Counter("chatbot_sessions", "Sessions ended, by outcome.", ["outcome"], registry=r)
-        self.tokens_relayed = Counter(
+        self.tokens_relayed = Tally(
             "chatbot_tokens_relayed", "Text deltas received from the provider and stored.", registry=r
         )
-        self.events_sent = Counter(
+        self.events_sent = Tally(
             "chatbot_events_sent",
             "Events written to event-stream responses (handed to the socket; a client that left may not have"
             " read them; the same event counts once per response that carries it).",

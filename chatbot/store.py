@@ -919,7 +919,7 @@ class Store:
                 # (a pipeline adds its own object, list building and a task for `reset`'s shield; figures
                 # in bench/RESULTS.md, `bench/store_call_cost.py`).
                 try:
-                    return [await self.redis.execute_command(*commands[0])]
+                    return [await self.redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
                 except ResponseError as exc:  # as the pipeline's raise_on_error=False gives it
                     return [exc]
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -313,3 +313,9 @@ async def test_events_sent_counts_events_written_per_response(make_client: MakeC
     assert await metric_value(client, "chatbot_events_sent_total") == written
     text = await (await client.get("/metrics")).text()
     assert "handed to the socket" in text
+    # Kept as a plain number and read at scrape time (metrics.Tally), it is still a counter to Prometheus.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds = {family.name: family.type for family in text_string_to_metric_families(text)}
+    assert kinds["chatbot_events_sent"] == kinds["chatbot_tokens_relayed"] == "counter"
+    assert "chatbot_events_sent_created" in text

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection as RedisPyConnection
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatbot import ids, store
@@ -117,5 +118,41 @@ async def test_the_store_talks_to_redis_through_the_hiredis_packer(own_redis: Re
         await st.create_session(sid, ids.new_id(), message)
         meta = await st.session(sid)
         assert meta is not None and meta.message == message
+    finally:
+        await st.close()
+
+
+async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(own_redis: RedisServer) -> None:
+    """A restarted or promoted Redis has no scripts: NOSCRIPT, then the script is loaded and the call sent again.
+
+    A batch of one entry is sent as a plain call, a larger one in a pipeline; each must come through whole,
+    in order and once, and an error reply must come back as that command's result rather than raise.
+    """
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    st = await store.open_store(settings, owner="test")
+    try:
+        one, other = ids.new_id(), ids.new_id()
+        await st.create_session(one, ids.new_id(), "the first")
+        await st.create_session(other, ids.new_id(), "the second")
+        expected: dict[str, list[str]] = {one: [], other: []}
+        for round_ in range(3):
+            with own_redis.client() as admin:
+                admin.script_flush()
+            single = [(one, "token", f'{{"text":"alone {round_}"}}')]
+            results = await st.append_many(single)
+            assert [type(r).__name__ for r in results] == ["AppendResult"]
+            expected[one].append(single[0][2])
+            with own_redis.client() as admin:
+                admin.script_flush()
+            both = [(one, "token", f'{{"text":"a{round_}"}}'), (other, "token", f'{{"text":"b{round_}"}}')]
+            results = await st.append_many(both)
+            assert [type(r).__name__ for r in results] == ["AppendResult", "AppendResult"]
+            expected[one].append(both[0][2])
+            expected[other].append(both[1][2])
+        for sid, data in expected.items():
+            assert [e.data for e in await st.read_from(sid, "-")] == data
+        # A reply that is an error (here a command Redis does not know) is the command's result, not a raise.
+        (reply,) = await st._rounds([("NOSUCHCOMMAND", "x")], ["x"])
+        assert isinstance(reply, ResponseError)
     finally:
         await st.close()
