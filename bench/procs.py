@@ -252,7 +252,9 @@ class Server(Proc):
         upstream: str,
         traced: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
+        entry: str = "chatbot",
     ) -> None:
+        """`entry`: the module the service runs as (`chatbot serve`, or `bench.inprocess_serve`)."""
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -260,7 +262,7 @@ class Server(Proc):
             argv = [sys.executable, "-m", "bench.traced_serve"]
             env = {**_pythonpath(), **service_env(self.port, redis_url, upstream), "BENCH_SNAPSHOT_DIR": str(traced)}
         elif kind == "service":
-            argv = [sys.executable, "-m", "chatbot", "serve"]
+            argv = [sys.executable, "-m", entry, *(["serve"] if entry == "chatbot" else [])]
             env = {**_pythonpath(), **service_env(self.port, redis_url, upstream)}
         else:
             argv = [sys.executable, "-m", "bench.baseline", "--port", str(self.port), "--redis", redis_url]

@@ -192,6 +192,7 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
     labels = {
         "service": "**this service**",
         "service-cross": "this service, readers on a 2nd instance (CPU of both)",
+        "service-inprocess": "this service, tokens made in-process as resumable-stream's (no upstream read)",
         **peers["labels"],
     }
     lines = [
@@ -225,7 +226,9 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
         "",
         "Their input paths differ: the service parses an upstream's SSE per answer; Nchan parses one HTTP POST "
         "per token; resumable-stream makes its tokens inside Node and keeps them in the producer's memory. "
-        "Nchan's memory storage uses no Redis.",
+        "Nchan's memory storage uses no Redis. The row with tokens made in-process runs the service with its "
+        "provider swapped for a source paced as resumable-stream's (`bench/inprocess_serve.py`): the same input "
+        "path as that peer, the rest of the service unchanged.",
     ]
     return lines
 

@@ -102,10 +102,13 @@ def _server(
     upstream: Upstream,
     out: Path,
     extra_env: dict[str, str],
+    entry: str = "chatbot",
 ) -> Iterator[Server]:
     """A fresh server per measurement, so that one's leftovers (memory, tasks) never colour the next."""
     redis.flush()
-    server = Server(kind, cores=cores.service, out=out, redis_url=redis.url, upstream=upstream.url, extra_env=extra_env)
+    server = Server(
+        kind, cores=cores.service, out=out, redis_url=redis.url, upstream=upstream.url, extra_env=extra_env, entry=entry
+    )
     try:
         yield server
     finally:
@@ -268,7 +271,7 @@ async def _peers(
         warm = min(1.0, answer_s / 4)
         seconds = max(warm + 1.0, answer_s - 1.0)
         each: dict[str, list[dict[str, Any]]] = {
-            "service": [], "service-cross": [], **{peer.name: [] for peer in present}
+            "service": [], "service-cross": [], "service-inprocess": [], **{peer.name: [] for peer in present}
         }  # fmt: skip
         for round_ in range(config.runs):
             where = f"  peers: {channels:.0f} × {config.peer_tps:g} tok/s, round {round_ + 1}/{config.runs}"
@@ -289,6 +292,15 @@ async def _peers(
                     env, server, reader, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
                 )
             each["service-cross"].append(_service_figures(step))
+            # The same, with each token made inside the service as resumable-stream makes its own (no upstream).
+            _log(f"{where}: service, tokens made in-process")
+            with _server(
+                "service", cores, env.redis, env.upstream, out_dir, extra_env, entry="bench.inprocess_serve"
+            ) as server:
+                step = await scenarios.relay_step(
+                    env, server, rate=rate, per_session=config.peer_tps, seconds=seconds, warm=warm
+                )
+            each["service-inprocess"].append(_service_figures(step))
             for peer in present:
                 _log(f"{where}: {peer.name}")
                 try:

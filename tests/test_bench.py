@@ -115,13 +115,15 @@ def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) ->
     assert set(peers["skipped"]) == {"resumable-stream", "nchan-redis", "nchan-memory"}
     assert all("not found" in why for why in peers["skipped"].values())
     (workload,) = peers["workloads"]
-    assert set(workload["systems"]) == {"service", "service-cross"}  # the latter: readers on a 2nd instance
-    for name in ("service", "service-cross"):
+    # readers on a 2nd instance; tokens made in-process, as resumable-stream makes its own
+    assert set(workload["systems"]) == {"service", "service-cross", "service-inprocess"}
+    for name in ("service", "service-cross", "service-inprocess"):
         service = workload["systems"][name]
         assert service["achieved"] > 0.8 * 4 * 25 and service["lost"] == service["errors"] == 0, name
         assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] >= 0  # Redis CPU: 10 ms ticks
     assert "| 4 × 25 tok/s × 15 | **this service** |" in done.stdout
     assert "| 4 × 25 tok/s × 15 | this service, readers on a 2nd instance (CPU of both) |" in done.stdout
+    assert "| 4 × 25 tok/s × 15 | this service, tokens made in-process as resumable-stream's" in done.stdout
     assert "Nchan, memory (no Redis): not run" in done.stdout
 
 
