@@ -191,6 +191,7 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
     """The service beside each peer on the same workload, measured in the same run, as ratios."""
     labels = {
         "service": "**this service**",
+        "service-start": "this service, every answer started at once (latency from the first token)",
         "service-cross": "this service, readers on a 2nd instance (CPU of both)",
         "service-inprocess": "this service, tokens made in-process as resumable-stream's (no upstream read)",
         **peers["labels"],
@@ -219,6 +220,14 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
                 f"| {shape} | {labels.get(name, name)} | {_fmt(relay)} | {ratio} | {_fmt(with_redis)} | {ratio_redis} "
                 f"| {_fmt(got.get('redis_ms_per_1k'))} | {_fmt(got.get('p50'))} | {_fmt(got.get('p99'))} "
                 f"| {_fmt(got.get('achieved'))} | {wrong:g} |"
+            )
+    for workload in peers["workloads"]:
+        start = workload["systems"].get("service-start")
+        if start:
+            lines.append(
+                f"\nEvery answer started at once, {workload['channels']:.0f} × {workload['tps']:g} tok/s: each "
+                f"answer's first token p50 / p99 {_fmt(start.get('first_p50'))} / {_fmt(start.get('first_p99'))} ms "
+                "from the upstream's write to the reader (its POST, the upstream request, its GET included)."
             )
     for name, why in peers.get("skipped", {}).items():
         lines.append(f"\n{labels.get(name, name)}: not run ({why}).")

@@ -271,7 +271,8 @@ async def _peers(
         warm = min(1.0, answer_s / 4)
         seconds = max(warm + 1.0, answer_s - 1.0)
         each: dict[str, list[dict[str, Any]]] = {
-            "service": [], "service-cross": [], "service-inprocess": [], **{peer.name: [] for peer in present}
+            "service": [], "service-start": [], "service-cross": [], "service-inprocess": [],
+            **{peer.name: [] for peer in present},
         }  # fmt: skip
         for round_ in range(config.runs):
             where = f"  peers: {channels:.0f} × {config.peer_tps:g} tok/s, round {round_ + 1}/{config.runs}"
@@ -283,6 +284,14 @@ async def _peers(
             each["service"].append(_service_figures(step))
             spent = ", ".join(f"{name} {us:.1f}" for name, us in step["redis_command_us_per_token"].items())
             _log(f"    Redis µs per token by command: {spent}")
+            _log(f"{where}: service, every answer started at once, latency from the first token")
+            with _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server:
+                start = await scenarios.relay_start(
+                    env, server, sessions=int(channels), per_session=config.peer_tps, tokens=config.peer_tokens
+                )
+            each["service-start"].append(
+                {**_service_figures(start), "first_p50": start["first_p50"], "first_p99": start["first_p99"]}
+            )
             _log(f"{where}: service, each reader on a second instance")
             with (
                 _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server,

@@ -178,6 +178,8 @@ class _Relay:
 
     window: tuple[int, int] = (0, 0)
     latencies: list[int] = field(default_factory=list)
+    first: list[int] = field(default_factory=list)  # each answer's first token's, when inside the window
+    last_ns: int = 0  # when the last token inside the window was received
     in_window: int = 0
     events_in_window: int = 0
     errors: int = 0
@@ -192,6 +194,8 @@ class _Relay:
             pairs = parse_tokens(frame.text())
             if inside:
                 self.latencies.extend(received_ns - sent for _, sent in pairs)
+                self.first.extend(received_ns - sent for seq, sent in pairs if seq == 0)
+                self.last_ns = max(self.last_ns, received_ns)
                 self.in_window += len(pairs)
                 self.events_in_window += 1
 
@@ -279,6 +283,47 @@ async def relay_step_across(
         }
         if tokens
         else {},
+        "upstream_late_p99": late["late_p99_ms"],
+        "errors": stats.errors,
+        "gaps": stats.gaps,
+    }
+
+
+async def relay_start(env: Env, server: Server, *, sessions: int, per_session: float, tokens: int) -> dict[str, Any]:
+    """`sessions` answers started at the same instant, each `tokens` at `per_session` tokens/s, and every
+    token's upstream-to-client latency from the first one on: the start of all answers at once included
+    (each POST /sessions, the service's request to the upstream, each reader's GET /events, and the tokens
+    of the answers that began first meanwhile). CPU is counted over the whole run, start-up included.
+    Shaped as `relay_step`'s result, with `first_p50` / `first_p99`: each answer's first token alone.
+    """
+    script = Script(tokens=tokens, rate=per_session)
+    stats = _Relay()
+    stats.window = (0, 2**63)
+    counters = Counters(env, server)
+    at = time.monotonic() + 0.2
+    await _upstream(env, "stats")
+    counters.begin()
+    await asyncio.gather(*(_relay_session(env, server, script, at, stats) for _ in range(sessions)))
+    used = counters.end()
+    late = await _upstream(env, "stats")
+    tokens_in = stats.in_window
+    lat = [ns / MS for ns in stats.latencies]
+    first = [ns / MS for ns in stats.first]
+    # delivered per second over the answers' own span: from their start to the last token's arrival, one
+    # token's interval added (the run's wall time also holds the lead-in and the last answers' ends)
+    span = stats.last_ns / 1e9 - at + 1 / per_session
+    return {
+        "offered": sessions * per_session,
+        "sessions": sessions,
+        "achieved": tokens_in / span if tokens_in else 0.0,
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "max": max(lat, default=float("nan")),
+        "first_p50": pct(first, 50),
+        "first_p99": pct(first, 99),
+        "tokens_per_cpu_s": tokens_in / used["cpu"] if used["cpu"] else float("inf"),
+        "service_core_busy": used["cpu"] / used["wall"],
+        "redis_us_per_token": used["redis_cpu"] * 1e6 / tokens_in if tokens_in else float("nan"),
         "upstream_late_p99": late["late_p99_ms"],
         "errors": stats.errors,
         "gaps": stats.gaps,

@@ -115,9 +115,10 @@ def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) ->
     assert set(peers["skipped"]) == {"resumable-stream", "nchan-redis", "nchan-memory"}
     assert all("not found" in why for why in peers["skipped"].values())
     (workload,) = peers["workloads"]
-    # readers on a 2nd instance; tokens made in-process, as resumable-stream makes its own
-    assert set(workload["systems"]) == {"service", "service-cross", "service-inprocess"}
-    for name in ("service", "service-cross", "service-inprocess"):
+    # every answer started at once; readers on a 2nd instance; tokens made in-process, as resumable-stream's
+    assert set(workload["systems"]) == {"service", "service-start", "service-cross", "service-inprocess"}
+    assert workload["systems"]["service-start"]["first_p99"] > 0
+    for name in ("service", "service-start", "service-cross", "service-inprocess"):
         service = workload["systems"][name]
         assert service["achieved"] > 0.8 * 4 * 25 and service["lost"] == service["errors"] == 0, name
         assert service["tokens_per_cpu_s"] > 0 and service["redis_ms_per_1k"] >= 0  # Redis CPU: 10 ms ticks
