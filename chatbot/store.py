@@ -915,7 +915,7 @@ class Store:
         if not isinstance(self.redis, RedisCluster):
             if len(commands) == 1:
                 # The batcher's one EVALSHA per batch: a plain call is the same command, the same retries
-                # after a dropped connection and the same reply parsing, for 18 µs less CPU per call (a
+                # after a dropped connection and the same reply parsing, for 16-18 µs less CPU per call (a
                 # pipeline adds its own object, list building and a task for `reset`'s shield;
                 # `bench/store_call_cost.py`, bench/RESULTS.md).
                 try:
