@@ -168,8 +168,18 @@ async def test_rolling_restart_loses_no_token(
         await start_answers(6)
         # Slow appends while the answers run, so that each writer has several deltas to join at once.
         stalls = asyncio.create_task(stall_writes_repeatedly(own_redis.url, pulses=4))
-        for instance in cluster.instances:
+        for n, instance in enumerate(cluster.instances):
             await asyncio.sleep(0.5)
+            # A reader on this instance of an answer the next instance produces, begun last: it outlives this
+            # instance's own answers, so the drain ends its stream and it must resume on the restarted
+            # instance. Through nginx alone, whether any reader is moved depends on timing.
+            producer = cluster.instances[(n + 1) % len(cluster.instances)]
+            message = f"rolling pinned {n}"
+            pinned = Follower(instance.url, await create(http, producer.url, message))
+            messages[pinned.session_id] = message
+            followers.append(pinned)
+            readers.append(asyncio.create_task(pinned.run(http, deadline_s=90)))
+            await pinned.wait_events(1)  # attached before this instance stops accepting
             instance.signal(signal.SIGTERM)
             await start_answers(2)  # new sessions keep coming while this one drains
             assert await asyncio.to_thread(instance.wait_exit, 40) == 0, instance.log.read_text()[-2000:]
