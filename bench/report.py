@@ -191,7 +191,7 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
     """The service beside each peer on the same workload, measured in the same run, as ratios."""
     labels = {
         "service": "**this service**",
-        "service-start": "this service, every answer started at once (latency from the first token)",
+        "service-start": "this service, every answer started at once (latency from the first token, CPU with start-up)",
         "service-cross": "this service, readers on a 2nd instance (CPU of both)",
         "service-inprocess": "this service, tokens made in-process as resumable-stream's (no upstream read)",
         **peers["labels"],
@@ -227,7 +227,8 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
             lines.append(
                 f"\nEvery answer started at once, {workload['channels']:.0f} × {workload['tps']:g} tok/s: each "
                 f"answer's first token p50 / p99 {_fmt(start.get('first_p50'))} / {_fmt(start.get('first_p99'))} ms "
-                "from the upstream's write to the reader (its POST, the upstream request, its GET included)."
+                "from the upstream's write to the reader, who attaches only once its POST is answered (its GET "
+                "included)."
             )
     for name, why in peers.get("skipped", {}).items():
         lines.append(f"\n{labels.get(name, name)}: not run ({why}).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,10 +30,15 @@ class Tally(Collector):
         registry.register(self)
 
     def inc(self, amount: int = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
         self.value += amount
 
     def collect(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(self._name, self._documentation, value=self.value, created=self._created)
+        # `_created` as a Counter has it: left out under PROMETHEUS_DISABLE_CREATED_SERIES (or after
+        # prometheus_client.disable_created_metrics()), which the library keeps in this module attribute.
+        created = self._created if getattr(prometheus_client.metrics, "_use_created", True) else None
+        yield CounterMetricFamily(self._name, self._documentation, value=self.value, created=created)
 
     def describe(self) -> Iterable[Metric]:
         return [CounterMetricFamily(self._name, self._documentation)]

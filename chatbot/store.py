@@ -908,9 +908,10 @@ class Store:
     async def _rounds(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
         """Pipelined commands, each routed by the key in `route`: a reply or an error each.
 
-        One Redis: one pipeline, and a lost connection raises. A cluster: one pipeline per master, all
-        at once; a master that fails gives each of its commands that error while the others' replies stand,
-        and the slot map is refreshed. A MOVED or ASK reply is followed by redis-py.
+        One Redis: one pipeline (a plain call for a single command), and a lost connection raises. A
+        cluster: one pipeline per master, all at once; a master that fails gives each of its commands that
+        error while the others' replies stand, and the slot map is refreshed. A MOVED or ASK reply is
+        followed by redis-py.
         """
         if not isinstance(self.redis, RedisCluster):
             if len(commands) == 1:

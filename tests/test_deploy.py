@@ -171,7 +171,7 @@ async def test_rolling_restart_loses_no_token(
         for n, instance in enumerate(cluster.instances):
             await asyncio.sleep(0.5)
             # A reader on this instance of an answer the next instance produces, begun last: it outlives this
-            # instance's own answers, so the drain ends its stream and it must resume on the restarted
+            # instance's own answers, so the drain ends its stream, and it resumes through nginx on another
             # instance. Through nginx alone, whether any reader is moved depends on timing.
             producer = cluster.instances[(n + 1) % len(cluster.instances)]
             message = f"rolling pinned {n}"
@@ -179,7 +179,8 @@ async def test_rolling_restart_loses_no_token(
             messages[pinned.session_id] = message
             followers.append(pinned)
             readers.append(asyncio.create_task(pinned.run(http, deadline_s=90)))
-            await pinned.wait_events(1)  # attached before this instance stops accepting
+            await asyncio.wait_for(pinned.wait_events(1), 10)  # attached before this instance stops accepting
+            pinned.base = base  # its reconnects go through nginx, as a browser's would
             instance.signal(signal.SIGTERM)
             await start_answers(2)  # new sessions keep coming while this one drains
             assert await asyncio.to_thread(instance.wait_exit, 40) == 0, instance.log.read_text()[-2000:]

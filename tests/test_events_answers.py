@@ -319,3 +319,13 @@ async def test_events_sent_counts_events_written_per_response(make_client: MakeC
     kinds = {family.name: family.type for family in text_string_to_metric_families(text)}
     assert kinds["chatbot_events_sent"] == kinds["chatbot_tokens_relayed"] == "counter"
     assert "chatbot_events_sent_created" in text
+    # As prometheus_client's own counters: no `_created` series once it is told to leave them out
+    # (PROMETHEUS_DISABLE_CREATED_SERIES, read when it is imported).
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    try:
+        text = await (await client.get("/metrics")).text()
+    finally:
+        prometheus_client.enable_created_metrics()  # type: ignore[no-untyped-call]
+    assert "chatbot_events_sent_total" in text and "_created" not in text

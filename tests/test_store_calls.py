@@ -125,8 +125,10 @@ async def test_the_store_talks_to_redis_through_the_hiredis_packer(own_redis: Re
 async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(own_redis: RedisServer) -> None:
     """A restarted or promoted Redis has no scripts: NOSCRIPT, then the script is loaded and the call sent again.
 
-    A batch of one entry is sent as a plain call, a larger one in a pipeline; each must come through whole,
-    in order and once, and an error reply must come back as that command's result rather than raise.
+    On one Redis a batch of appends is one EVALSHA, whatever its size: a plain call, not a pipeline. Each
+    must come through whole, in order and once; an error reply must come back as that command's result
+    rather than raise. A round of several commands (lease renewals of two sessions) is still a pipeline,
+    and takes NOSCRIPT the same way.
     """
     settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
     st = await store.open_store(settings, owner="test")
@@ -151,6 +153,10 @@ async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(o
             expected[other].append(both[1][2])
         for sid, data in expected.items():
             assert [e.data for e in await st.read_from(sid, "-")] == data
+        with own_redis.client() as admin:
+            admin.script_flush()
+        renewed = await st.renew_leases([one, other])  # two EVALSHAs in one pipeline
+        assert set(renewed) == {one, other}
         # A reply that is an error (here a command Redis does not know) is the command's result, not a raise.
         (reply,) = await st._rounds([("NOSUCHCOMMAND", "x")], ["x"])
         assert isinstance(reply, ResponseError)
