@@ -572,7 +572,7 @@ class Hub:
         """One session's data broke a shared task: end it with `internal_error` and close its streams here."""
         data = events.error_data("internal_error", "The answer failed on the server.", retryable=True)
         with contextlib.suppress(RedisError, OSError):
-            await self._store.append(session_id, events.ERROR, data, terminal_status="failed")
+            await self._store.append(session_id, events.ERROR, data, terminal_status="failed", by_producer=False)
         self._end_topic(session_id, "failed on a shared task")
 
     def _deliver(self, session_id: str, read_from: str, batch: list[Event]) -> None:

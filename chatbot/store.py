@@ -702,9 +702,16 @@ class Store:
     # -- the producer's writes --------------------------------------------------------------------
 
     @_gated
-    async def append(self, session_id: str, event: str, data: str, *, terminal_status: str = "") -> AppendResult:
-        """Append one event; a terminal status also ends the session and starts its expiry."""
-        previous = self._last.get(session_id, "")
+    async def append(
+        self, session_id: str, event: str, data: str, *, terminal_status: str = "", by_producer: bool = True
+    ) -> AppendResult:
+        """Append one event; a terminal status also ends the session and starts its expiry.
+
+        `by_producer=False`: an event from outside the producer's sequence (the hub ending a session whose
+        data broke it). It names no expected tail: the producer's own appends may move the tail meanwhile,
+        and a check against the producer's last id would then read as lost entries (`store_data_lost`).
+        """
+        previous = self._last.get(session_id, "") if by_producer else ""
         reply: list[str] = await self._append(
             keys=[keys.stream(session_id), keys.meta(session_id), keys.lease(session_id)],
             args=[event, data, self._maxlen, terminal_status, self._ttl, keys.notify_channel(session_id), previous],

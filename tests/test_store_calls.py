@@ -162,3 +162,36 @@ async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(o
         assert isinstance(reply, ResponseError)
     finally:
         await st.close()
+
+
+async def test_an_error_from_outside_the_producer_ends_a_session_whose_tail_moved_meanwhile(
+    own_redis: RedisServer,
+) -> None:
+    """The hub ends a session whose data broke it while its producer may still be appending (CI saw it).
+
+    The producer's append can land between the hub's reading of the producer's last id and its own append:
+    checked against that id, the hub's error read as lost entries (`store_data_lost`). Sent as an event from
+    outside the producer's sequence, it ends the session with the hub's own error.
+    """
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    hub_side = await store.open_store(settings, owner="test")
+    producer_side = await store.open_store(settings, owner="test")  # a second view: its appends move the tail
+    try:
+        outcomes = {}
+        for by_producer in (False, True):
+            sid = ids.new_id()
+            await hub_side.create_session(sid, ids.new_id(), "question")
+            (first,) = await hub_side.append_many([(sid, "token", '{"text":"a"}')])
+            assert isinstance(first, store.AppendResult) and first.id is not None
+            producer_side._last[sid] = first.id  # both know the same last id; the producer appends once more
+            (second,) = await producer_side.append_many([(sid, "token", '{"text":"b"}')])
+            assert isinstance(second, store.AppendResult) and second.id is not None
+            error = '{"code":"internal_error","message":"The answer failed on the server.","retryable":true}'
+            await hub_side.append(sid, "error", error, terminal_status="failed", by_producer=by_producer)
+            entries = await hub_side.read_from(sid, "-")
+            outcomes[by_producer] = (entries[-1].payload()["code"], [e.data for e in entries[:2]])
+        assert outcomes[False] == ("internal_error", ['{"text":"a"}', '{"text":"b"}'])
+        assert outcomes[True][0] == "store_data_lost"  # why the hub must not name the producer's tail
+    finally:
+        await hub_side.close()
+        await producer_side.close()
