@@ -24,7 +24,6 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import anthropic
@@ -111,10 +110,25 @@ async def aiohttp_lines(url: str, chunks: int) -> int:
         return n
 
 
+class _Count:
+    """A sink that counts characters, as the producer's writer takes them (`Provider.relay`)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, text: str) -> None:
+        self.n += len(text)
+
+    def add_reasoning(self, text: str) -> None:
+        pass
+
+
 async def service_openai(url: str, chunks: int) -> int:
     provider = OpenAIProvider(model="m", idle_timeout=30, max_retries=0, api_key="k", base_url=url + "/v1")
     try:
-        return await _drain(provider.stream([Message("user", "hi")]))
+        sink = _Count()
+        await provider.relay([Message("user", "hi")], sink)
+        return sink.n
     finally:
         await provider.aclose()
 
@@ -133,17 +147,11 @@ async def anthropic_sdk_text_stream(url: str, chunks: int) -> int:
 async def service_anthropic(url: str, chunks: int) -> int:
     provider = AnthropicProvider(model="m", idle_timeout=30, max_retries=0, api_key="k", base_url=url)
     try:
-        return await _drain(provider.stream([Message("user", "hi")]))
+        sink = _Count()
+        await provider.relay([Message("user", "hi")], sink)
+        return sink.n
     finally:
         await provider.aclose()
-
-
-async def _drain(stream: Any) -> int:
-    n = 0
-    async for item in stream:
-        if isinstance(item, str):
-            n += len(item)
-    return n
 
 
 CASES: list[tuple[str, str, Case]] = [

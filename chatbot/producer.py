@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from . import events, history
 from .metrics import Metrics
-from .providers import Finish, Message, Provider, ProviderError, Reasoning
+from .providers import Finish, Message, Provider, ProviderError, relay
 from .store import AppendResult, Store, transient
 from .tasks import shared_task_ended
 
@@ -35,6 +35,10 @@ EMPTY_ANSWER = "empty_answer"
 OUTAGE_SECONDS = 30.0
 # The pause before an entry that failed alone (its cluster master failing over) is sent again.
 RETRY_SECONDS = 0.1
+
+
+class _Full(Exception):
+    """The answer has as many entries as a session may hold (CHATBOT_MAX_EVENTS): it ends with `length`."""
 
 
 class _Broken(Exception):
@@ -57,12 +61,16 @@ class _Writer:
         metrics: Metrics,
         *,
         held: bool = False,
+        max_entries: int = 1 << 62,
+        reasoning: bool = True,
     ) -> None:
         self._store = store
         self._batcher = batcher
         self.sid = session_id
         self._on_cancel = on_cancel
         self._metrics = metrics
+        self._max_entries = max_entries
+        self._reasoning = reasoning  # False: the model's thinking is dropped here
         self._kind = events.TOKEN  # the kind of the run in _pending
         self._pending: list[str] = []
         self._runs: list[tuple[str, str]] = []  # closed runs before _pending: (event, text)
@@ -79,11 +87,15 @@ class _Writer:
         self.stored: list[str] = []  # the answer text appended so far, for the conversation's history
 
     def add(self, text: str) -> None:
+        """A provider's text delta (the `Sink` of providers): raises _Ended, _Broken or the store's error
+        once this answer cannot go on, and _Full once it holds `max_entries` entries."""
         if self._kind is not events.TOKEN:
             self._switch(events.TOKEN)
         self._add(text)
 
     def add_reasoning(self, text: str) -> None:
+        if not self._reasoning:
+            return
         if self._kind is not events.REASONING:
             self._switch(events.REASONING)
         self._add(text)
@@ -96,6 +108,8 @@ class _Writer:
         if not self._flying:
             self._flying = True
             self._batcher.schedule(self)
+        if self.entries >= self._max_entries:
+            raise _Full
 
     @property
     def first(self) -> bool:
@@ -515,7 +529,16 @@ class Producers:
         sources: Sequence[Mapping[str, str]],
         stored: asyncio.Future[None] | None,
     ) -> None:
-        writer = _Writer(self._store, self._batcher, session_id, cancel, self._metrics, held=stored is not None)
+        writer = _Writer(
+            self._store,
+            self._batcher,
+            session_id,
+            cancel,
+            self._metrics,
+            held=stored is not None,
+            max_entries=self._max_events,
+            reasoning=self._reasoning,
+        )
         # The upstream request starts now, while the session may still be on its way to the store: its text
         # waits in the held writer (time to first token: bench/RESULTS.md).
         copy = asyncio.create_task(self._copy(messages, writer), name=f"copy-{session_id}")
@@ -593,29 +616,13 @@ class Producers:
         return relay.result()
 
     async def _copy(self, messages: Sequence[Message], writer: _Writer) -> Finish:
-        """The per-delta hot path: nothing here but a type check and a list append.
-
-        Only a str is answer text; anything a provider yields that is not str, Reasoning or Finish is a bug
-        that fails this answer (internal_error), never the writer shared with other sessions.
-        """
-        stream = self._provider.stream(messages)
+        """The answer into its writer: a push provider calls `writer.add` from the upstream connection's
+        own read callback (no task wakes up per delta). Anything a pulled provider yields that is not str,
+        Reasoning or Finish is a bug that fails this answer (internal_error), never the shared writer."""
         try:
-            async for item in stream:
-                if type(item) is str:
-                    if item:
-                        writer.add(item)
-                        if writer.entries >= self._max_events:
-                            return Finish("length")
-                elif isinstance(item, Finish):
-                    return item
-                elif isinstance(item, Reasoning):
-                    if self._reasoning and item.text:
-                        writer.add_reasoning(item.text)
-                else:
-                    raise TypeError(f"the provider yielded a {type(item).__name__}, not text")
-            return Finish("stop")
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            return await relay(self._provider, messages, writer)
+        except _Full:
+            return Finish("length")
 
     async def _remember(self, conversation_id: str | None, message: str, writer: _Writer) -> None:
         """Add the turn to the history before the terminal event, so a reader who saw it can go on at once."""

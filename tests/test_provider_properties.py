@@ -3,7 +3,7 @@
 
 The events start as the real shapes of each API (tests/providers_fakes.py and the replays) and any one
 value, at any depth, is replaced by any JSON value; the bytes go through the same reader and parser the
-service runs (`relay_body` over an aiohttp StreamReader).
+service runs (`relay_body` pushing a response body's pieces into the parser).
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import copy
 import json
 from typing import Any
 
-import aiohttp
-from aiohttp.base_protocol import BaseProtocol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatbot.providers import Finish, ProviderError, Reasoning
 from chatbot.providers.anthropic_messages import EventParser
+from chatbot.providers.http1 import Body
 from chatbot.providers.openai_compat import ChunkParser
 from chatbot.providers.transport import EventParser as Parser
-from chatbot.providers.transport import relay_body
+from chatbot.providers.transport import items, relay_body
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
@@ -109,18 +108,17 @@ def event_streams(draw: st.DrawFn, templates: list[Any], last: bytes) -> bytes:
 
 
 async def relay(raw: bytes, parser: Parser) -> list[Any]:
-    loop = asyncio.get_running_loop()
-    body = aiohttp.StreamReader(BaseProtocol(loop), 2**20, loop=loop)
-    body.feed_data(raw)
+    body = Body(None)
+    body.feed(raw)
     body.feed_eof()
-    items: list[Any] = []
+    got: list[Any] = []
     try:
-        async for item in relay_body(body, parser):
-            items.append(item)
+        async for item in items(lambda sink: relay_body(body, parser, sink)):
+            got.append(item)
     except ProviderError as exc:
         assert isinstance(exc.code, str) and isinstance(exc.message, str) and isinstance(exc.retryable, bool)
-        items.append(exc)
-    return items
+        got.append(exc)
+    return got
 
 
 def check(items: list[Any]) -> None:

@@ -14,9 +14,9 @@ import anthropic
 import httpx2
 from anthropic.types import MessageParam
 
-from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from . import Finish, FinishReason, Message, ProviderError, Reasoning, Sink, Usage, failures
 from .sse_decoder import loads as json_loads
-from .transport import AiohttpTransport, event_stream, relay_body, take_body
+from .transport import HttpTransport, RawBody, event_stream, items, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class AnthropicProvider:
     ) -> None:
         self._model = model
         self._max_tokens = max_output_tokens or DEFAULT_MAX_TOKENS
-        self._transport = AiohttpTransport()
+        self._transport = HttpTransport()
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
@@ -57,7 +57,11 @@ class AnthropicProvider:
             http_client=httpx2.AsyncClient(transport=self._transport, trust_env=False),
         )
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
+        return items(lambda sink: self.relay(messages, sink))
+
+    async def _send(self, messages: Sequence[Message]) -> RawBody:
+        """The request, sent by the SDK; the body of its answer, once the status says it is streaming."""
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         turns = [cast(MessageParam, {"role": m.role, "content": m.content}) for m in messages if m.role != "system"]
         try:
@@ -72,11 +76,12 @@ class AnthropicProvider:
             raise _failure(exc) from exc
         # The SDK returns once the status is known and has not read the body. Only the body is kept while the
         # answer streams, not the SDK's stream nor httpx2's request and response (as in openai_compat).
-        raw = take_body(sent.response)
-        del sent
+        return take_body(sent.response)
+
+    async def relay(self, messages: Sequence[Message], sink: Sink) -> Finish:
+        raw = await self._send(messages)
         try:
-            async for item in relay_body(await event_stream(raw), EventParser()):
-                yield item
+            return await relay_body(await event_stream(raw), EventParser(), sink)
         finally:
             await raw.aclose()
 

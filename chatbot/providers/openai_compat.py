@@ -14,9 +14,9 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionChunk
 
-from . import Finish, FinishReason, Message, ProviderError, Reasoning, Usage, failures
+from . import Finish, FinishReason, Message, ProviderError, Reasoning, Sink, Usage, failures
 from .sse_decoder import loads as json_loads
-from .transport import AiohttpTransport, event_stream, relay_body, take_body
+from .transport import HttpTransport, RawBody, event_stream, items, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class OpenAIProvider:
     ) -> None:
         self._model = model
         self._max_tokens = max_output_tokens
-        self._transport = AiohttpTransport()
+        self._transport = HttpTransport()
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -49,7 +49,11 @@ class OpenAIProvider:
             http_client=httpx2.AsyncClient(transport=self._transport, trust_env=False),
         )
 
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Reasoning | Finish]:
+        return items(lambda sink: self.relay(messages, sink))
+
+    async def _send(self, messages: Sequence[Message]) -> RawBody:
+        """The request, sent by the SDK; the body of its answer, once the status says it is streaming."""
         # The SDK's generic `post` (its documented way to send a body as is): the same base URL, auth,
         # retries and error classes as `chat.completions.create`, without `create`'s walk of every message
         # against the params' TypedDicts, which was half of the SDK's CPU per answer (bench/RESULTS.md).
@@ -73,11 +77,12 @@ class OpenAIProvider:
             raise _failure(exc) from exc
         # Only the body is kept while the answer streams: the SDK's stream and the httpx2 request and response
         # with their headers are 7 KB an answer (bench/RESULTS.md, memory per answer).
-        raw = take_body(sent.response)
-        del sent
+        return take_body(sent.response)
+
+    async def relay(self, messages: Sequence[Message], sink: Sink) -> Finish:
+        raw = await self._send(messages)
         try:
-            async for item in relay_body(await event_stream(raw), ChunkParser()):
-                yield item
+            return await relay_body(await event_stream(raw), ChunkParser(), sink)
         finally:
             await raw.aclose()
 

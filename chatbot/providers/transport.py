@@ -1,24 +1,27 @@
-"""The HTTP layer under both SDKs: an httpx2 transport over aiohttp that hands the raw body to the provider.
+"""The HTTP layer under both SDKs: an httpx2 transport over `http1` that hands the raw body to the provider.
 
 The SDKs still build and send each request (env vars, base URL, auth headers,
 retries before the first byte, error classes); only the body of a streamed
 answer bypasses them, because their per-chunk machinery costs several times
-more CPU than the answer's own parsing (figures in ARCHITECTURE.md).
+more CPU than the answer's own parsing (figures in ARCHITECTURE.md). The body
+is pushed into the provider's parser and the answer's writer from the
+connection's `data_received` (`relay`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-import aiohttp
 import httpx2
 
-from . import Finish, ProviderError, Reasoning, failures
+from . import Finish, ProviderError, Reasoning, Sink, failures
+from .http1 import Body, Connection, Pool, ProtocolViolation
+from .http1 import Response as Head
 from .sse_decoder import SSEDecoder
 
 log = logging.getLogger(__name__)
@@ -29,24 +32,22 @@ KEEPALIVE_SECONDS = 30.0
 
 _BODY = "chatbot.raw_body"  # response extension that carries the RawBody
 
-_TIMEOUTS: tuple[tuple[type[Exception], type[httpx2.TransportError]], ...] = (
-    (aiohttp.ServerTimeoutError, httpx2.ReadTimeout),
-    (aiohttp.ClientConnectorError, httpx2.ConnectError),
-    (aiohttp.ClientPayloadError, httpx2.ReadError),
-    (aiohttp.ClientError, httpx2.NetworkError),
-    (TimeoutError, httpx2.TimeoutException),
-    (OSError, httpx2.NetworkError),
-)
+
+class IdleTimeout(TimeoutError):
+    """No byte of a response body arrived for the request's read timeout."""
 
 
 @contextmanager
-def _as_httpx_errors() -> Iterator[None]:
-    """aiohttp failures as the httpx errors the SDKs retry and classify."""
+def _as_httpx_errors(*, connecting: bool) -> Iterator[None]:
+    """Failures to reach or hear an upstream as the httpx errors the SDKs retry and classify."""
     try:
         yield
-    except tuple(aio for aio, _ in _TIMEOUTS) as exc:
-        mapped = next(hx for aio, hx in _TIMEOUTS if isinstance(exc, aio))
-        raise mapped(str(exc) or type(exc).__name__) from exc
+    except TimeoutError as exc:
+        raise (httpx2.ConnectTimeout if connecting else httpx2.ReadTimeout)(str(exc) or "timed out") from exc
+    except ProtocolViolation as exc:
+        raise httpx2.RemoteProtocolError(str(exc)) from exc
+    except OSError as exc:  # ConnectionLost, refused, reset, unreachable, a failed TLS handshake
+        raise (httpx2.ConnectError if connecting else httpx2.ReadError)(str(exc) or type(exc).__name__) from exc
 
 
 @dataclass(slots=True)
@@ -59,36 +60,30 @@ class _Watched:
 class IdleWatch:
     """The idle (read) timeout of every streamed body, kept by one timer instead of one per chunk.
 
-    aiohttp re-arms a timer on every read of a body (`sock_read`): for a relay that receives one small
-    chunk per token, that was 5.5% of the service's samples at 10,000 tokens/s (bench/RESULTS.md). Once a
-    response's headers are in, its own timer is turned off (`ResponseHandler.read_timeout`; it still
-    guards the wait for the headers) and this one looks, every tenth of the shortest timeout (at most
-    every second), at how many bytes each body has received (`StreamReader.total_bytes`). A body that got
-    no byte for its timeout fails with aiohttp's own `ServerTimeoutError`, as `sock_read` would have, at
-    most one check late. Each answer's body is read as it arrives, so a full buffer (aiohttp stops reading
-    the socket) never looks like a silent upstream for long.
+    A timer re-armed on every chunk (as aiohttp's `sock_read` did) was 5.5% of the service's samples at
+    10,000 tokens/s (bench/RESULTS.md). This one looks, every tenth of the shortest timeout (at most
+    every second), at how many bytes each body has received (`Body.received`). A body that got no byte
+    for its timeout fails with IdleTimeout, at most one check late. Each answer's body is consumed as it
+    arrives, so a paused socket never looks like a silent upstream for long.
     """
 
     MAX_INTERVAL = 1.0
     MIN_INTERVAL = 0.01
 
     def __init__(self) -> None:
-        self._bodies: dict[aiohttp.StreamReader, _Watched] = {}
+        self._bodies: dict[Body, _Watched] = {}
         self._handle: asyncio.TimerHandle | None = None
 
-    def watch(self, response: aiohttp.ClientResponse, timeout: float | None) -> None:
-        """Take over `response`'s body timeout (seconds; None or 0: no timeout, nothing to do)."""
-        connection = response.connection
-        if not timeout or connection is None or connection.protocol is None:
+    def watch(self, body: Body, timeout: float | None) -> None:
+        """Watch `body` (seconds without a byte; None or 0: no timeout, nothing to do)."""
+        if not timeout:
             return
-        connection.protocol.read_timeout = None  # its next read cancels the timer armed by the last one
         loop = asyncio.get_running_loop()
-        body = response.content
-        self._bodies[body] = _Watched(timeout, body.total_bytes, loop.time())
+        self._bodies[body] = _Watched(timeout, body.received, loop.time())
         if self._handle is None:
             self._schedule(loop)
 
-    def forget(self, body: aiohttp.StreamReader) -> None:
+    def forget(self, body: Body) -> None:
         self._bodies.pop(body, None)
 
     def close(self) -> None:
@@ -108,87 +103,97 @@ class IdleWatch:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for body, watched in list(self._bodies.items()):
-            if body.at_eof() or body.exception() is not None:
+            if body.done:
                 del self._bodies[body]
-            elif body.total_bytes != watched.seen:
-                watched.seen, watched.since = body.total_bytes, now
+            elif body.received != watched.seen:
+                watched.seen, watched.since = body.received, now
             elif now - watched.since >= watched.timeout:
                 del self._bodies[body]
-                body.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+                body.fail(IdleTimeout(f"no byte of the response for {watched.timeout:g}s"))
         if self._bodies:
             self._schedule(loop)
 
 
 class RawBody(httpx2.AsyncByteStream):
-    """A response body that also exposes aiohttp's reader, for the provider's own SSE parsing."""
+    """A response body for httpx2 (the SDKs read error bodies through it) that also exposes the raw one."""
 
-    def __init__(self, response: aiohttp.ClientResponse, idle: IdleWatch) -> None:
-        self.response = response
-        self.content = response.content
+    def __init__(self, body: Body, headers: list[tuple[bytes, bytes]], idle: IdleWatch) -> None:
+        self.body = body
+        self.headers = headers
         self._idle = idle
 
+    def header(self, name: str) -> str:
+        """The first value of header `name` (case-insensitive), decoded as Latin-1; "" if absent."""
+        wanted = name.lower().encode()
+        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == wanted), "")
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors():
-            async for chunk in self.content.iter_any():
+        with _as_httpx_errors(connecting=False):
+            while chunk := await self.body.read():
                 yield chunk
 
     async def aclose(self) -> None:
-        self._idle.forget(self.content)
-        # An unfinished body means an abandoned answer: drop the connection so the upstream stops generating.
-        if self.content.at_eof():
-            self.response.release()
-        else:
-            self.response.close()
+        # An unfinished body means an abandoned answer: the connection closes, so the upstream stops generating.
+        self._idle.forget(self.body)
+        self.body.close()
 
 
-class AiohttpTransport(httpx2.AsyncBaseTransport):
-    """Sends httpx2 requests with one aiohttp session, opened on first use inside the event loop."""
+_SKIPPED = frozenset({b"accept-encoding", b"connection", b"transfer-encoding", b"content-length", b"keep-alive"})
+
+
+def _request_bytes(request: httpx2.Request, content: bytes) -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
+    lines.extend(b"%s: %s" % (k, v) for k, v in request.headers.raw if k.lower() not in _SKIPPED)
+    # The raw body is parsed as it arrives, never inflated.
+    lines.append(b"Accept-Encoding: identity")
+    if content or request.method not in ("GET", "HEAD"):
+        lines.append(b"Content-Length: %d" % len(content))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + content
+
+
+class HttpTransport(httpx2.AsyncBaseTransport):
+    """Sends httpx2 requests over this process's own HTTP/1.1 connections (`http1.Pool`)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool(limit=MAX_CONNECTIONS, keepalive=KEEPALIVE_SECONDS)
         self.idle = IdleWatch()
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS)
-            # trust_env=False: with it aiohttp looks up ~/.netrc in a worker thread before every request
-            # (bench/RESULTS.md, TTFT profile); the SDK already ignores proxy variables (trust_env=False).
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
-        return self._session
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         timeout = request.extensions.get("timeout", {})
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "accept-encoding"]
-        headers.append(("Accept-Encoding", "identity"))  # the raw body is parsed as it arrives, never inflated
-        with _as_httpx_errors():
-            response = await self._client().request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=await request.aread() or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx2.UnsupportedProtocol(f"{url.scheme!r} URLs are not supported")
+        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        head = _request_bytes(request, await request.aread())
+        with _as_httpx_errors(connecting=True):
+            conn = await self._pool.connection(
+                key, pool_timeout=timeout.get("pool"), connect_timeout=timeout.get("connect")
             )
-        self.idle.watch(response, timeout.get("read"))
-        body = RawBody(response, self.idle)
+        response = await self._send(conn, head, timeout.get("read"))
+        self.idle.watch(response.body, timeout.get("read"))
+        body = RawBody(response.body, response.headers, self.idle)
         return httpx2.Response(
             status_code=response.status,
-            headers=response.raw_headers,
+            headers=response.headers,
             stream=body,
             request=request,
             extensions={"http_version": b"HTTP/1.1", _BODY: body},
         )
 
+    @staticmethod
+    async def _send(conn: Connection, head: bytes, within: float | None) -> Head:
+        """The response's head; the connection is given back if none comes (the body owns it after that)."""
+        try:
+            with _as_httpx_errors(connecting=False):
+                async with asyncio.timeout(within):
+                    return await conn.send(head)
+        except BaseException:
+            conn.release(False)
+            raise
+
     async def aclose(self) -> None:
         self.idle.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._pool.close()
 
 
 def take_body(response: httpx2.Response) -> RawBody:
@@ -196,24 +201,26 @@ def take_body(response: httpx2.Response) -> RawBody:
     so a provider need keep nothing else of the SDK's or httpx2's objects while the answer streams."""
     body = response.extensions.get(_BODY)
     if not isinstance(body, RawBody):
-        raise TypeError("the response was not produced by AiohttpTransport")
+        raise TypeError("the response was not produced by HttpTransport")
     return body
 
 
 FIRST_BYTES = 64  # of a body that is not an event stream, quoted in the error
 
 
-async def event_stream(body: RawBody) -> aiohttp.StreamReader:
-    """The reader of a streamed answer; ProviderError `upstream_bad_response` if it is not `text/event-stream`."""
-    content_type = body.response.headers.get("Content-Type", "")
+async def event_stream(raw: RawBody) -> Body:
+    """The body of a streamed answer; ProviderError `upstream_bad_response` if it is not `text/event-stream`."""
+    content_type = raw.header("Content-Type")
     if content_type.partition(";")[0].strip().lower() == "text/event-stream":
-        return body.content
+        return raw.body
+    first = b""
     try:
-        first = await body.content.read(FIRST_BYTES)
-    except _READ_ERRORS:
-        first = b""
+        while len(first) < FIRST_BYTES and (chunk := await raw.body.read()):
+            first += chunk
+    except OSError:
+        pass
     log.warning("the upstream answered %s instead of an event stream: %r", content_type or "(none)", first)
-    raise failures.not_an_event_stream(content_type, first)
+    raise failures.not_an_event_stream(content_type, first[:FIRST_BYTES])
 
 
 class EventParser(Protocol):
@@ -231,62 +238,99 @@ class EventParser(Protocol):
         ...
 
 
-_READ_ERRORS = (aiohttp.ClientError, OSError)
 _PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError, OverflowError)
 # After the model's own finish or stop reason, how long the body may go on (usage, `[DONE]`, pings).
 TAIL_SECONDS = 0.5
 
 
-async def relay_body(body: aiohttp.StreamReader, parser: EventParser) -> AsyncIterator[str | Reasoning | Finish]:
-    """The per-chunk hot path: one read, one split, one json.loads per event, at most one yield per read.
+async def relay_body(body: Body, parser: EventParser, sink: Sink) -> Finish:
+    """The per-chunk hot path: each piece of the body, as it arrives, is split into events, parsed, and its
+    text handed to `sink` (a run of one kind joined: one `add` per piece), inside the connection's
+    `data_received`; no task wakes up per chunk.
 
-    Yields answer text as str and thinking as Reasoning (a run of each kind joined), then one Finish.
-    Once the model's own end has arrived, a body that closes, drops or keeps talking past TAIL_SECONDS
-    ends the answer normally; before it, a body that ends is a lost connection.
-    Text parsed before a failure is yielded before the failure is raised.
+    Returns the Finish: the protocol's last event, or the model's own end followed by the body's end, a
+    dropped connection or TAIL_SECONDS of anything else. Raises ProviderError: `upstream_disconnected`
+    or `upstream_timeout` (the idle watch) before the model's end, `upstream_bad_response` for an event
+    the parser cannot read, the upstream's own error event. Whatever `sink` raises ends the relay and is
+    raised here. Text parsed before a failure reaches `sink` before the failure ends the relay.
     """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Finish] = loop.create_future()
     decoder = SSEDecoder()
-    while True:
-        try:
-            if parser.ended:
-                async with asyncio.timeout(TAIL_SECONDS):
-                    chunk = await body.readany()
-            else:
-                chunk = await body.readany()
-        except TimeoutError:
-            if not parser.ended:
-                raise failures.for_read_error(TimeoutError()) from None
-            chunk = b""
-        except _READ_ERRORS as exc:
-            if not parser.ended:
-                raise failures.for_read_error(exc) from exc
-            chunk = b""
-        if not chunk:
-            if parser.ended:
-                yield parser.finish()
-                return
-            raise failures.failure(failures.DISCONNECTED)
+    tail: list[asyncio.TimerHandle] = []  # the wait after the model's own end, once armed
+
+    def end(result: Finish | BaseException) -> None:
+        if done.done():
+            return
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+    def on_data(chunk: bytes) -> None:
+        if done.done():
+            return
         out: list[str | Reasoning] = []
         try:
             finish = parser.take(decoder.feed(chunk), out)
         except _PARSE_ERRORS as exc:
             log.warning("unreadable event from the upstream: %r", exc)
-            for item in _runs(out, parser):
-                yield item
-            raise failures.failure(failures.BAD_RESPONSE) from exc
-        except ProviderError:
-            for item in _runs(out, parser):
-                yield item
-            raise
-        if out:
-            if parser.mixed:
-                for item in _runs(out, parser):
-                    yield item
-            else:
-                yield out[0] if len(out) == 1 else "".join(out)  # type: ignore[arg-type]
-        if finish is not None:
-            yield finish
+            failure = failures.failure(failures.BAD_RESPONSE)
+            failure.__cause__ = exc
+            _deliver(out, parser, sink, end)
+            end(failure)
             return
+        except ProviderError as exc:
+            _deliver(out, parser, sink, end)
+            end(exc)
+            return
+        except BaseException as exc:  # a bug: it ends this answer, never the connection's callbacks
+            end(exc)
+            return
+        if out and not _deliver(out, parser, sink, end):
+            return
+        if finish is not None:
+            end(finish)
+        elif parser.ended and not tail:
+            tail.append(loop.call_later(TAIL_SECONDS, lambda: end(parser.finish())))
+
+    def on_end(exc: BaseException | None) -> None:
+        if parser.ended:
+            end(parser.finish())
+        elif exc is None:
+            end(failures.failure(failures.DISCONNECTED))
+        else:
+            failure = failures.for_read_error(exc)
+            failure.__cause__ = exc
+            end(failure)
+
+    body.consume(on_data, on_end)
+    try:
+        return await done
+    finally:
+        for handle in tail:
+            handle.cancel()
+        if not done.done():  # cancelled: the answer is abandoned (the provider closes the body)
+            done.cancel()
+
+
+def _deliver(out: list[str | Reasoning], parser: EventParser, sink: Sink, end: Callable[[BaseException], None]) -> bool:
+    """Hand one piece's items to `sink`; False, with the relay ended, if the sink raised."""
+    try:
+        if not parser.mixed:
+            text = out[0] if len(out) == 1 else "".join(out)  # type: ignore[arg-type]
+            if text:
+                sink.add(text)  # type: ignore[arg-type]
+            return True
+        for item in _runs(out, parser):
+            if type(item) is str:
+                sink.add(item)
+            else:
+                sink.add_reasoning(item.text)  # type: ignore[union-attr]
+        return True
+    except BaseException as exc:
+        end(exc)
+        return False
 
 
 def _runs(out: list[str | Reasoning], parser: EventParser) -> list[str | Reasoning]:
@@ -305,3 +349,46 @@ def _runs(out: list[str | Reasoning], parser: EventParser) -> list[str | Reasoni
         elif item.text:
             runs.append(item)
     return runs
+
+
+async def items(answer: Callable[[Sink], Awaitable[Finish]]) -> AsyncIterator[str | Reasoning | Finish]:
+    """A push-mode answer (`answer(sink)`) as an async iterator: text as str, thinking as Reasoning, then
+    the Finish; what the answer raises is raised after the items that came before it. For callers that
+    pull (tests, benchmarks); the producer passes its writer as the sink instead."""
+    collected = _Collected()
+    task = asyncio.ensure_future(answer(collected))
+    try:
+        while True:
+            if not collected.items and not task.done():
+                collected.arrived = asyncio.get_running_loop().create_future()
+                either: set[asyncio.Future[Any]] = {task, collected.arrived}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            taken, collected.items = collected.items, []
+            for item in taken:
+                yield item
+            if task.done() and not collected.items:
+                yield task.result()
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+class _Collected:
+    """A sink that keeps what it is given, in order, and says when something arrived."""
+
+    def __init__(self) -> None:
+        self.items: list[str | Reasoning] = []
+        self.arrived: asyncio.Future[None] | None = None
+
+    def add(self, text: str) -> None:
+        self._put(text)
+
+    def add_reasoning(self, text: str) -> None:
+        self._put(Reasoning(text))
+
+    def _put(self, item: str | Reasoning) -> None:
+        self.items.append(item)
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
