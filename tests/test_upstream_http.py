@@ -9,6 +9,7 @@ check what a reader of `/events/` gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import trustme
+import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.app import create_app
@@ -118,13 +120,14 @@ async def raw() -> AsyncIterator[RawUpstream]:
     await upstream.close()
 
 
-@pytest_asyncio.fixture
-async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
+@contextlib.asynccontextmanager
+async def serving(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
+    """Starts apps whose OpenAI provider talks to an upstream; closes them at the end."""
     clients: list[Client] = []
 
-    async def start(upstream: RawUpstream, *, retries: int = 0) -> Client:
+    async def start(upstream: RawUpstream, *, retries: int = 0, key: str = "sk-test") -> Client:
         monkeypatch.setenv("OPENAI_BASE_URL", upstream.url + "/v1")
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("OPENAI_API_KEY", key)
         settings = make_settings(
             "embedded", None, provider="openai", model="m", upstream_idle_timeout_seconds=2.0,
             upstream_max_retries=retries,
@@ -134,9 +137,17 @@ async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., 
         clients.append(client)
         return client
 
-    yield start
-    for client in clients:
-        await client.close()
+    try:
+        yield start
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest_asyncio.fixture
+async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
+    async with serving(monkeypatch) as start:
+        yield start
 
 
 async def relayed(client: Client) -> tuple[str, dict[str, Any]]:
@@ -309,3 +320,117 @@ async def test_the_pool_holds_at_most_its_limit_and_hands_a_freed_connection_on(
     third.release(False)
     pool.close()
     assert raw.connections == 2
+
+
+async def test_trailer_fields_are_not_taken_for_the_next_responses_headers(raw: RawUpstream, serve: Any) -> None:
+    """A chunked body's trailer fields (here a Content-Type) end that response; the next one has its own."""
+    head = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(chunked(sse_events()))[:-2] + b"Content-Type: text/plain\r\nX-Request-Id: old\r\n\r\n"
+    raw.replies += [[head + body], [head + body]]
+    client = await serve(raw)
+    for _ in range(2):
+        assert (await relayed(client))[0] == "".join(WORDS)
+    assert raw.connections == 1
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\nContent-Type: text/event-stream\nTransfer-Encoding: chunked\n\n",  # bare LF line ends
+        SSE_HEAD + b"X-Debug: a\x01b\r\nTransfer-Encoding: chunked\r\n\r\n",  # a control byte in a header value
+    ],
+    ids=["bare-lf", "control-byte"],
+)
+async def test_sloppy_but_readable_http_is_read_as_aiohttp_read_it(raw: RawUpstream, serve: Any, head: bytes) -> None:
+    body = b"".join(b"%x  \r\n%s\r\n" % (len(e), e) for e in sse_events()) + b"0\r\n\r\n"  # spaces after each size
+    raw.replies.append([head + body])
+    assert (await relayed(await serve(raw)))[0] == "".join(WORDS)
+
+
+async def test_an_error_body_ended_by_the_close_of_the_connection_is_read_whole(raw: RawUpstream, serve: Any) -> None:
+    """An HTTP/1.0 401 whose body ends at the close: the SDK reads it whole and the refusal is not retried.
+    Were the close taken for a broken body, it would be retried and reported as an unavailable upstream."""
+    error = b'{"error":{"message":"Incorrect API key provided","type":"invalid_request_error"}}'
+    raw.replies.append([b"HTTP/1.0 401 Unauthorized\r\nContent-Type: application/json\r\n\r\n", 0.01, error, CLOSE])
+    text, end = await relayed(await serve(raw, retries=2))
+    assert (text, end["event"], end["code"], end["retryable"]) == ("", "error", "upstream_auth", False)
+    assert len(raw.requests) == 1
+
+
+@pytest.mark.parametrize("key", ["sk-test\n", "sk-test\r\nX-Injected: 1", "sk-test\r"])
+async def test_a_key_with_a_line_break_is_never_sent(raw: RawUpstream, serve: Any, key: str) -> None:
+    """Read from a file with its line end, a key would end the request's head early: nothing is sent."""
+    raw.replies.append([SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(chunked(sse_events()))])
+    text, end = await relayed(await serve(raw, key=key))
+    assert (text, end["event"]) == ("", "error")
+    assert raw.requests == []
+
+
+async def test_tls_checks_the_upstreams_name(serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("other.example").configure_cert(server_context)  # trusted CA, another name
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    upstream = RawUpstream(context=server_context)
+    await upstream.start()
+    try:
+        upstream.replies.append([SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(chunked(sse_events()))])
+        text, end = await relayed(await serve(upstream))
+        assert (text, end["event"], end["code"]) == ("", "error", "upstream_unavailable")
+        assert upstream.requests == []
+    finally:
+        await upstream.close()
+
+
+@pytest.mark.parametrize("leaves", ["cancelled", "timed-out"])
+async def test_a_waiter_that_leaves_as_a_connection_frees_up_passes_it_on(leaves: str) -> None:
+    """All connections busy: a waiting request that is cancelled, or whose pool timeout ends, in the same
+    loop turn as a connection frees up raises what it should, and the next waiter gets that connection."""
+    pool = Pool(limit=1, keepalive=5.0)
+    loop = asyncio.get_running_loop()
+    key = ("http", "127.0.0.1", 9)  # never connected: the slots are what is tested
+    await pool._slot(None)
+    first = asyncio.ensure_future(pool._slot(0.05 if leaves == "timed-out" else None))
+    second = asyncio.ensure_future(pool._slot(None))
+    await asyncio.sleep(0)
+    if leaves == "cancelled":
+        first.cancel()
+        pool._free()  # the connection frees up in the same turn, before `first` runs again
+    else:
+        await asyncio.sleep(0.04)
+        handle = loop.call_later(0.0105, pool._free)  # just after the timeout's cancel, before `first` runs
+    outcomes = await asyncio.gather(first, second, return_exceptions=True)
+    expected = asyncio.CancelledError if leaves == "cancelled" else TimeoutError
+    assert isinstance(outcomes[0], expected), outcomes
+    assert outcomes[1] is None  # the slot went on to the next waiter
+    if leaves == "timed-out":
+        handle.cancel()
+    assert (pool._busy, len(pool._queue)) == (1, 0)
+    del key
+
+
+ON_UVLOOP = [
+    test_chunked_body_cut_anywhere_with_extensions_and_trailers,
+    test_a_kept_alive_connection_carries_the_next_answer,
+    test_trailer_fields_are_not_taken_for_the_next_responses_headers,
+    test_an_error_body_ended_by_the_close_of_the_connection_is_read_whole,
+    test_a_large_error_body_is_read_whole_and_classified,
+]
+
+
+@pytest.mark.parametrize("case", ON_UVLOOP, ids=lambda case: case.__name__.removeprefix("test_"))
+def test_on_uvloop(case: Callable[[RawUpstream, Any], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chatbot serve` runs on uvloop, whose transports are not asyncio's: these cases again, on it."""
+
+    async def run() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        upstream = RawUpstream()
+        await upstream.start()
+        try:
+            async with serving(monkeypatch) as start:
+                await case(upstream, start)
+        finally:
+            await upstream.close()
+
+    uvloop.run(run())

@@ -163,6 +163,11 @@ class Connection(asyncio.Protocol):
         self._pool = pool
         self.key = key
         self._parser = httptools.HttpResponseParser(self)
+        # As lenient as aiohttp's parser was (its own llhttp settings), for sloppy self-hosted servers and
+        # proxies: bare LF line ends, spaces after a chunk size, control bytes in header values.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+        )
         self._transport: asyncio.Transport | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: asyncio.Future[Response] | None = None  # the request waiting for its response's head
@@ -170,6 +175,7 @@ class Connection(asyncio.Protocol):
         self._framed = True  # the body has a length or chunks (not ended by the connection's close)
         self._keep_alive = False
         self._paused = False
+        self._closing = False  # aborted or half-closed: connection_lost is on its way
         self.closed = False
         self.expiry: asyncio.TimerHandle | None = None  # closes it once idle in the pool for too long
 
@@ -188,6 +194,7 @@ class Connection(asyncio.Protocol):
             self._lost(ProtocolViolation(f"the upstream's response is not valid HTTP/1.1: {exc}"))
 
     def eof_received(self) -> bool:
+        self._closing = True
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,7 +209,15 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not on its way to closing: it may carry a request."""
+        return not (self.closed or self._closing) and self._transport is not None
+
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []  # a chunked body's trailer fields came through on_header too
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -212,7 +227,11 @@ class Connection(asyncio.Protocol):
         headers, self._headers = self._headers, []
         if status < 200:
             return  # 1xx: an interim response (llhttp reads the final one next)
-        self._framed = any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers)
+        # Framed by a length or by chunks; otherwise the body ends where the connection does (RFC 9112 §6.3).
+        self._framed = any(
+            name.lower() == b"content-length" or (name.lower() == b"transfer-encoding" and b"chunked" in value.lower())
+            for name, value in headers
+        )
         body = self._body = Body(self)
         head, self._head = self._head, None
         if head is not None and not head.done():
@@ -235,8 +254,9 @@ class Connection(asyncio.Protocol):
         """Write one request; the future gets its response's head, or the error that ended the connection."""
         head = self._head = asyncio.get_running_loop().create_future()
         self._body = None
+        self._headers = []
         self._keep_alive = False
-        if self.closed or self._transport is None:
+        if not self.usable or self._transport is None:
             head.set_exception(ConnectionLost("the connection closed before the request"))
         else:
             self._transport.write(request)
@@ -254,7 +274,7 @@ class Connection(asyncio.Protocol):
 
     def release(self, complete: bool) -> None:
         """The request is over: the connection goes back to the pool if it can carry another one."""
-        reusable = complete and self._keep_alive and not self.closed
+        reusable = complete and self._keep_alive and self.usable
         if reusable:
             self.resume()
         else:
@@ -263,6 +283,7 @@ class Connection(asyncio.Protocol):
         self._pool.returned(self, reusable)
 
     def abort(self) -> None:
+        self._closing = True
         if self._transport is not None and not self.closed:
             self._transport.abort()
 
@@ -321,7 +342,7 @@ class Pool:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._free()  # handed over, but we leave: pass it on
-            else:
+            elif waiter in self._queue:  # not yet passed over by `_free`, which skips a cancelled waiter
                 self._queue.remove(waiter)
             raise
 
@@ -340,7 +361,7 @@ class Pool:
             if conn.expiry is not None:
                 conn.expiry.cancel()
                 conn.expiry = None
-            if not conn.closed:
+            if conn.usable:
                 return conn
         return None
 

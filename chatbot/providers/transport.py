@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,9 +142,19 @@ class RawBody(httpx2.AsyncByteStream):
 _SKIPPED = frozenset({b"accept-encoding", b"connection", b"transfer-encoding", b"content-length", b"keep-alive"})
 
 
+_UNSAFE = re.compile(rb"[\r\n\0]")
+
+
 def _request_bytes(request: httpx2.Request, content: bytes) -> bytes:
+    """The request's head and body as sent. LocalProtocolError if a header would break the head (a CR, LF or
+    NUL, as in an API key read from a file with its line end): the request is not sent."""
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
-    lines.extend(b"%s: %s" % (k, v) for k, v in request.headers.raw if k.lower() not in _SKIPPED)
+    for name, value in request.headers.raw:
+        if _UNSAFE.search(name) or _UNSAFE.search(value):
+            log.error("not sending a request whose %r header holds a line break or NUL", name.decode("latin-1"))
+            raise httpx2.LocalProtocolError(f"the {name.decode('latin-1')!r} header holds a line break or NUL")
+        if name.lower() not in _SKIPPED:
+            lines.append(b"%s: %s" % (name, value))
     # The raw body is parsed as it arrives, never inflated.
     lines.append(b"Accept-Encoding: identity")
     if content or request.method not in ("GET", "HEAD"):
