@@ -179,6 +179,23 @@ async def test_a_kept_alive_connection_carries_the_next_answer(raw: RawUpstream,
     assert all(b"\r\nAccept-Encoding: identity\r\n" in r and b"gzip" not in r.lower() for r in raw.requests)
 
 
+@pytest.mark.parametrize("last_chunk_after", [0.1, None], ids=["late", "never"])
+async def test_a_last_chunk_after_the_answers_end_keeps_the_connection_if_it_comes(
+    raw: RawUpstream, serve: Any, last_chunk_after: float | None
+) -> None:
+    """The answer ends at [DONE]; the body's terminating chunk may come a moment later (LINGER_SECONDS)."""
+    head = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    *events, end = chunked(sse_events())
+    late = [last_chunk_after, end] if last_chunk_after is not None else [3.0, CLOSE]
+    raw.replies += [[head + b"".join(events), *late], [head + b"".join(events), *late]]
+    client = await serve(raw)
+    for _ in range(2):
+        text, done = await relayed(client)
+        assert (text, done["event"]) == ("".join(WORDS), "done")
+        await asyncio.sleep(0.3)  # the late chunk has come: the connection is back in the pool
+    assert raw.connections == (1 if last_chunk_after is not None else 2)
+
+
 async def test_a_body_ended_by_the_close_of_the_connection(raw: RawUpstream, serve: Any) -> None:
     """HTTP/1.0 style: no length, no chunks; the body ends where the connection does (RFC 9112 §6.3)."""
     events = sse_events()[:-1]  # no [DONE]: the finish reason and the close end the answer
@@ -412,6 +429,7 @@ async def test_a_waiter_that_leaves_as_a_connection_frees_up_passes_it_on(leaves
 
 ON_UVLOOP = [
     test_chunked_body_cut_anywhere_with_extensions_and_trailers,
+    test_an_idle_connection_the_upstream_closed_is_not_used_again,
     test_a_kept_alive_connection_carries_the_next_answer,
     test_trailer_fields_are_not_taken_for_the_next_responses_headers,
     test_an_error_body_ended_by_the_close_of_the_connection_is_read_whole,

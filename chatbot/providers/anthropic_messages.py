@@ -16,7 +16,7 @@ from anthropic.types import MessageParam
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Sink, Usage, failures
 from .sse_decoder import loads as json_loads
-from .transport import HttpTransport, RawBody, event_stream, items, relay_body, take_body
+from .transport import LINGER_SECONDS, HttpTransport, RawBody, event_stream, items, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,13 @@ class AnthropicProvider:
 
     async def relay(self, messages: Sequence[Message], sink: Sink) -> Finish:
         raw = await self._send(messages)
+        linger = 0.0
         try:
-            return await relay_body(await event_stream(raw), EventParser(), sink)
+            finish = await relay_body(await event_stream(raw), EventParser(), sink)
+            linger = LINGER_SECONDS  # ended normally: the body's last bytes may still keep the connection
+            return finish
         finally:
-            await raw.aclose()
+            await raw.aclose(linger)
 
     async def aclose(self) -> None:
         await self._client.close()

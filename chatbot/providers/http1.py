@@ -134,7 +134,30 @@ class Body:
             self._conn.resume()
         return data
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Give the connection back: to the pool if the body is complete, else closed.
+
+        With `linger` (seconds), a body not yet complete may still end within that time and keep its
+        connection (an answer that ended normally, whose last chunk is on its way); what arrives meanwhile
+        is dropped. Without it, or once it is over, the connection closes, which stops the upstream.
+        """
+        if self._conn is None:
+            return
+        if linger <= 0 or self.done:
+            self._give_back()
+            return
+        self._chunks.clear()
+        self._size = 0
+        self._conn.resume()
+        timer = asyncio.get_running_loop().call_later(linger, self.fail, ConnectionLost("the body did not end"))
+
+        def ended(exc: BaseException | None) -> None:
+            timer.cancel()
+            self._give_back()
+
+        self._on_data, self._on_end = _drop, ended
+
+    def _give_back(self) -> None:
         self._on_data = self._on_end = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -143,6 +166,10 @@ class Body:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def _drop(data: bytes) -> None:
+    pass
 
 
 class Response:

@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from . import Finish, FinishReason, Message, ProviderError, Reasoning, Sink, Usage, failures
 from .sse_decoder import loads as json_loads
-from .transport import HttpTransport, RawBody, event_stream, items, relay_body, take_body
+from .transport import LINGER_SECONDS, HttpTransport, RawBody, event_stream, items, relay_body, take_body
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ class OpenAIProvider:
 
     async def relay(self, messages: Sequence[Message], sink: Sink) -> Finish:
         raw = await self._send(messages)
+        linger = 0.0
         try:
-            return await relay_body(await event_stream(raw), ChunkParser(), sink)
+            finish = await relay_body(await event_stream(raw), ChunkParser(), sink)
+            linger = LINGER_SECONDS  # ended normally: the body's last bytes may still keep the connection
+            return finish
         finally:
-            await raw.aclose()
+            await raw.aclose(linger)
 
     async def aclose(self) -> None:
         await self._client.close()

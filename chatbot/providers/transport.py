@@ -32,6 +32,9 @@ MAX_CONNECTIONS = 1000
 KEEPALIVE_SECONDS = 30.0
 
 _BODY = "chatbot.raw_body"  # response extension that carries the RawBody
+# After an answer's normal end, how long its body may take to end (the last chunk, `0\r\n\r\n`, after the
+# answer's last event) and keep the connection for the next answer: a TLS handshake saved on its first token.
+LINGER_SECONDS = 1.0
 
 
 class IdleTimeout(TimeoutError):
@@ -133,10 +136,11 @@ class RawBody(httpx2.AsyncByteStream):
             while chunk := await self.body.read():
                 yield chunk
 
-    async def aclose(self) -> None:
-        # An unfinished body means an abandoned answer: the connection closes, so the upstream stops generating.
+    async def aclose(self, linger: float = 0.0) -> None:
+        """Close the body: an unfinished one closes the connection, so the upstream stops generating; with
+        `linger` (seconds, for an answer that ended normally) it may finish meanwhile and keep it."""
         self._idle.forget(self.body)
-        self.body.close()
+        self.body.close(linger)
 
 
 _SKIPPED = frozenset({b"accept-encoding", b"connection", b"transfer-encoding", b"content-length", b"keep-alive"})
