@@ -199,6 +199,7 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: asyncio.Future[Response] | None = None  # the request waiting for its response's head
         self._body: Body | None = None
+        self._pieces: list[bytes] = []  # the body's pieces parsed from the current read
         self._framed = True  # the body has a length or chunks (not ended by the connection's close)
         self._keep_alive = False
         self._paused = False
@@ -214,17 +215,22 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+            self._flush()
         except httptools.HttpParserCallbackError as exc:  # a bug in a consumer; it must not hang the answer
             log.exception("a response body's consumer failed")
             self._lost(exc.__context__ or exc)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._lost(ProtocolViolation(f"the upstream's response is not valid HTTP/1.1: {exc}"))
+        except Exception as exc:  # the same, from a piece given to the consumer after the parse
+            log.exception("a response body's consumer failed")
+            self._lost(exc)
 
     def eof_received(self) -> bool:
         self._closing = True
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._flush()
         body = self._body
         if body is not None and not body.done and exc is None and not self._framed:
             body.feed_eof()  # a body without length or chunks ends where the connection does
@@ -267,10 +273,10 @@ class Connection(asyncio.Protocol):
             self._lost(ProtocolViolation("the upstream sent a response nobody asked for"))
 
     def on_body(self, data: bytes) -> None:
-        if self._body is not None:
-            self._body.feed(data)
+        self._pieces.append(data)  # given to the body once the read is parsed: one piece per read, not per chunk
 
     def on_message_complete(self) -> None:
+        self._flush()
         self._keep_alive = self._parser.should_keep_alive()
         if self._body is not None:
             self._body.feed_eof()
@@ -314,7 +320,16 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self._transport.abort()
 
+    def _flush(self) -> None:
+        pieces = self._pieces
+        if pieces:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            if self._body is not None:
+                self._body.feed(data)
+
     def _lost(self, exc: BaseException) -> None:
+        self._flush()  # what was parsed before the failure is part of the body
         first = not self.closed
         self.closed = True
         if self._transport is not None:
