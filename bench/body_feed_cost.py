@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import time
 
+from bench.provider_chunk_cost import Counting
 from chatbot.providers.http1 import Connection, Pool
 from chatbot.providers.openai_compat import ChunkParser
 from chatbot.providers.transport import relay_body
@@ -41,24 +42,13 @@ class _Transport:
         return False
 
 
-class _Count:
-    def __init__(self) -> None:
-        self.characters = 0
-
-    def add(self, text: str) -> None:
-        self.characters += len(text)
-
-    def add_reasoning(self, text: str) -> None:
-        pass
-
-
 async def per_event(per_read: int, events: int) -> float:
     conn = Connection(Pool(limit=1, keepalive=5.0), ("http", "upstream", 80))
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     head = conn.send(b"")
     conn.data_received(HEAD)
     response = await head
-    sink = _Count()
+    sink = Counting()
     relay = asyncio.ensure_future(relay_body(response.body, ChunkParser(), sink))
     await asyncio.sleep(0)
     data, reads = CHUNK * per_read, events // per_read
@@ -67,8 +57,8 @@ async def per_event(per_read: int, events: int) -> float:
         conn.data_received(data)
     cpu = time.process_time() - start
     relay.cancel()
-    if sink.characters != len("token ") * reads * per_read:
-        raise AssertionError(f"{sink.characters} characters relayed")
+    if sink.n != len("token ") * reads * per_read:
+        raise AssertionError(f"{sink.n} characters relayed")
     return cpu / (reads * per_read) * 1e6
 
 

@@ -110,7 +110,7 @@ async def aiohttp_lines(url: str, chunks: int) -> int:
         return n
 
 
-class _Count:
+class Counting:
     """A sink that counts characters, as the producer's writer takes them (`Provider.relay`)."""
 
     def __init__(self) -> None:
@@ -126,7 +126,7 @@ class _Count:
 async def service_openai(url: str, chunks: int) -> int:
     provider = OpenAIProvider(model="m", idle_timeout=30, max_retries=0, api_key="k", base_url=url + "/v1")
     try:
-        sink = _Count()
+        sink = Counting()
         await provider.relay([Message("user", "hi")], sink)
         return sink.n
     finally:
@@ -147,7 +147,7 @@ async def anthropic_sdk_text_stream(url: str, chunks: int) -> int:
 async def service_anthropic(url: str, chunks: int) -> int:
     provider = AnthropicProvider(model="m", idle_timeout=30, max_retries=0, api_key="k", base_url=url)
     try:
-        sink = _Count()
+        sink = Counting()
         await provider.relay([Message("user", "hi")], sink)
         return sink.n
     finally:
