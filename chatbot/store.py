@@ -90,9 +90,12 @@ local function earlier_try(stream, expected, event, data)
   return nil
 end
 
-local function lose(stream, meta, lease, expected, maxlen, ttl, channel)
+local function lose(stream, meta, lease, expected, top, maxlen, ttl, channel)
   local now = redis.call('TIME')
+  -- after the producer's last entry, which the stream may have lost, and after the stream's top, which
+  -- may be later (another writer appended meanwhile, within the same millisecond as this call)
   local after = tonumber(string.match(expected, '^(%d+)')) + 1
+  if top then after = math.max(after, tonumber(string.match(top, '^(%d+)')) + 1) end
   local at = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), after)
   local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, string.format('%.0f-0', at), 'e', 'error',
     'd', [==[LOST_TAIL_ERROR]==])
@@ -116,7 +119,7 @@ local function append(stream, meta, lease, event, data, maxlen, terminal, ttl, c
       local id = earlier_try(stream, expected, event, data)
       if id then return {'ok', id, state[2] or ''} end
       if is_ended(status) then return {'ended'} end
-      return lose(stream, meta, lease, expected, maxlen, ttl, channel)
+      return lose(stream, meta, lease, expected, top and top[1], maxlen, ttl, channel)
     end
   end
   if is_ended(status) then return {'ended'} end

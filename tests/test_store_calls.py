@@ -24,7 +24,7 @@ from redis.asyncio.connection import Connection as RedisPyConnection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chatbot import ids, store
+from chatbot import events, ids, keys, store
 from chatbot.settings import Settings
 from tests.conftest import RedisServer
 
@@ -162,6 +162,34 @@ async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(o
         assert isinstance(reply, ResponseError)
     finally:
         await st.close()
+
+
+@pytest.mark.parametrize("ahead_ms", [0, 1, 60_000])
+async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_id(
+    own_redis: RedisServer, ahead_ms: int
+) -> None:
+    """A producer whose last id is no longer the tail ends the session with `store_data_lost`. Its error
+    entry must come after the stream's top: the entry that moved the tail may carry this millisecond's id
+    or a later one (CI saw XADD refuse an id equal to the top, and the append fail instead)."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    view = await store.open_store(settings, owner="test")
+    raw = Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sid = ids.new_id()
+        await view.create_session(sid, ids.new_id(), "question")
+        (first,) = await view.append_many([(sid, "token", '{"text":"a"}')])
+        assert isinstance(first, store.AppendResult) and first.id is not None
+        now_ms = int(time.time() * 1000)
+        other = await raw.xadd(keys.stream(sid), {"e": "token", "d": '{"text":"b"}'}, id=f"{now_ms + ahead_ms}-5")
+        (late,) = await view.append_many([(sid, "token", '{"text":"c"}')])  # checked against `first`: lost
+        assert not isinstance(late, Exception), late
+        entries = await view.read_from(sid, "-")
+        assert [e.data for e in entries[:2]] == ['{"text":"a"}', '{"text":"b"}']
+        assert entries[-1].payload()["code"] == "store_data_lost"
+        assert events.entry_key(entries[-1].id) > events.entry_key(str(other))
+    finally:
+        await raw.aclose()
+        await view.close()
 
 
 async def test_an_error_from_outside_the_producer_ends_a_session_whose_tail_moved_meanwhile(
