@@ -103,6 +103,10 @@ class EventStream(web.StreamResponse):
         self._stuck_since: float | None = None
         self._sock: socket.socket | None = None
         self._saved_user_timeout: int | None = None
+        # For `send_now`, set once the headers are out: the connection's transport and protocol, so that a
+        # live entry's write reads two attributes rather than aiohttp's properties (one write per token).
+        self._transport: asyncio.Transport | None = None
+        self._protocol: RequestHandler | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         """Send the headers and join the heartbeats; ClientGone if the client has already left."""
@@ -115,10 +119,12 @@ class EventStream(web.StreamResponse):
         self.enable_chunked_encoding()
         writer = await super().prepare(request)
         self._heartbeats.add(self)
+        protocol = request.protocol
+        if isinstance(writer, StreamWriter) and writer.chunked and isinstance(protocol, RequestHandler):
+            self._transport, self._protocol = transport, protocol  # else send_now declines; send() writes
         # aiohttp arms a keep-alive timer when a connection opens (75 s); a stream that began is busy, so the
         # timer could only find it so and lapse: dropping it now saves its 0.5 KB per open stream. aiohttp
         # sets the connection's keep-alive anew from this response when the stream ends.
-        protocol = request.protocol
         if isinstance(protocol, RequestHandler):
             protocol.keep_alive(True)
         # The headers are on their way (serialized, then sent with the first write): the dict need not be kept.
@@ -157,19 +163,17 @@ class EventStream(web.StreamResponse):
         Only whole chunks are ever written, by this and by aiohttp, so the two cannot interleave badly;
         the headers went out with the stream's first write (its `retry:` line), before any call here.
         """
-        request = self._req
-        transport = None if request is None else request.transport
-        writer = self._payload_writer
+        transport, protocol = self._transport, self._protocol
         if (
-            request is None
-            or transport is None
+            transport is None
+            or protocol is None
+            or protocol.transport is not transport  # the connection was lost (aiohttp dropped it)
             or transport.is_closing()
-            or request.protocol.writing_paused
-            or not isinstance(writer, StreamWriter)
+            or protocol.writing_paused
             or self._eof_sent
         ):
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if writer.chunked else data)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
     async def beat(self, now: float) -> None:
@@ -202,6 +206,7 @@ class EventStream(web.StreamResponse):
         """Leave the heartbeats and put the socket's timeout back for the next request on the connection."""
         self._heartbeats.discard(self)
         self._on_gone = None
+        self._transport = self._protocol = None
         self._restore_user_timeout()
 
     def _abort(self) -> None:
