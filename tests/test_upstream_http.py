@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import pytest_asyncio
 import trustme
@@ -25,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.app import create_app
 from chatbot.providers.http1 import Pool
+from chatbot.providers.transport import HttpTransport
 from tests.conftest import make_settings
 from tests.helpers import create_session, text_of, wait_terminal
 
@@ -452,3 +455,29 @@ def test_on_uvloop(case: Callable[[RawUpstream, Any], Any], monkeypatch: pytest.
             await upstream.close()
 
     uvloop.run(run())
+
+
+async def test_a_response_nobody_closes_gives_its_connection_back_once_dropped(
+    raw: RawUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel that lands after the transport answered but before the provider took the body drops the
+    response unclosed: its pool slot must come back (here the pool holds one connection), not leak."""
+    head = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    raw.replies += [[head, 5.0], [head + b"".join(chunked(sse_events()))]]
+    transport = HttpTransport()
+    transport._pool = Pool(limit=1, keepalive=5.0)
+    timeouts = {"timeout": {"pool": 1.0, "connect": 1.0, "read": 5.0}}
+    url = raw.url + "/v1/chat/completions"
+    try:
+        response = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}", extensions=timeouts))
+        assert response.status_code == 200
+        del response
+        gc.collect()  # a dropped response may sit in a reference cycle (an exception's traceback)
+        response = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}", extensions=timeouts))
+        assert response.status_code == 200
+        assert b"".join([chunk async for chunk in response.aiter_raw()]).count(b"data:") == len(sse_events())
+        await response.aclose()
+    finally:
+        await transport.aclose()
+    assert raw.connections == 2  # the dropped one was unfinished: closed, so the upstream stops generating
+    assert "dropped without being closed" in caplog.text

@@ -74,6 +74,11 @@ class Body:
         """The body has ended: complete, or failed."""
         return self._ended or self._error is not None
 
+    @property
+    def released(self) -> bool:
+        """Its connection has been given back (or it never had one)."""
+        return self._conn is None
+
     def feed(self, data: bytes) -> None:
         self.received += len(data)
         if self._on_data is not None:

@@ -11,8 +11,10 @@ connection's `data_received` (`relay`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,6 +127,11 @@ class RawBody(httpx2.AsyncByteStream):
         self.body = body
         self.headers = headers
         self._idle = idle
+        # A backstop for a body that nobody closes (a cancel that lands between this transport and the
+        # provider's `try`): once it is collected, its connection closes and its pool slot frees up. The
+        # collector may run in any thread, so the close is handed to the loop.
+        self._finalizer = weakref.finalize(self, _close_dropped, asyncio.get_running_loop(), body, idle)
+        self._finalizer.atexit = False
 
     def header(self, name: str) -> str:
         """The first value of header `name` (case-insensitive), decoded as Latin-1; "" if absent."""
@@ -139,8 +146,20 @@ class RawBody(httpx2.AsyncByteStream):
     async def aclose(self, linger: float = 0.0) -> None:
         """Close the body: an unfinished one closes the connection, so the upstream stops generating; with
         `linger` (seconds, for an answer that ended normally) it may finish meanwhile and keep it."""
+        self._finalizer.detach()
         self._idle.forget(self.body)
         self.body.close(linger)
+
+
+def _close_dropped(loop: asyncio.AbstractEventLoop, body: Body, idle: IdleWatch) -> None:
+    def close() -> None:
+        if not body.released:
+            log.warning("an upstream response was dropped without being closed; its connection is closed now")
+        idle.forget(body)
+        body.close()
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed: so has the connection
+        loop.call_soon_threadsafe(close)
 
 
 _SKIPPED = frozenset({b"accept-encoding", b"connection", b"transfer-encoding", b"content-length", b"keep-alive"})
