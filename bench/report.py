@@ -228,7 +228,9 @@ def peers_table(peers: dict[str, Any], *, runs: int) -> list[str]:
                 f"\nEvery answer started at once, {workload['channels']:.0f} × {workload['tps']:g} tok/s: each "
                 f"answer's first token p50 / p99 {_fmt(start.get('first_p50'))} / {_fmt(start.get('first_p99'))} ms "
                 "from the upstream's write to the reader, who attaches only once its POST is answered (its GET "
-                "included)."
+                f"included); its 2nd to 4th tokens {_fmt(start.get('early_p50'))} / {_fmt(start.get('early_p99'))} "
+                f"ms; time to first token from each POST {_fmt(start.get('ttft_p50'))} / "
+                f"{_fmt(start.get('ttft_p99'))} ms (with the upstream's own first token at once)."
             )
     for name, why in peers.get("skipped", {}).items():
         lines.append(f"\n{labels.get(name, name)}: not run ({why}).")

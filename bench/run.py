@@ -229,6 +229,10 @@ async def _target(
     return out
 
 
+# Figures of the start of every answer at once, beside the relay's: first, 2nd to 4th tokens, time to first token.
+_START_FIGURES = ("first_p50", "first_p99", "early_p50", "early_p99", "ttft_p50", "ttft_p99")
+
+
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"each": results}
     for key, value in results[0].items() if results else ():
@@ -289,9 +293,7 @@ async def _peers(
                 start = await scenarios.relay_start(
                     env, server, sessions=int(channels), per_session=config.peer_tps, tokens=config.peer_tokens
                 )
-            each["service-start"].append(
-                {**_service_figures(start), "first_p50": start["first_p50"], "first_p99": start["first_p99"]}
-            )
+            each["service-start"].append({**_service_figures(start), **{key: start[key] for key in _START_FIGURES}})
             _log(f"{where}: service, each reader on a second instance")
             with (
                 _server("service", cores, env.redis, env.upstream, out_dir, extra_env) as server,

@@ -179,6 +179,9 @@ class _Relay:
     window: tuple[int, int] = (0, 0)
     latencies: list[int] = field(default_factory=list)
     first: list[int] = field(default_factory=list)  # each answer's first token's, when inside the window
+    early: list[int] = field(default_factory=list)  # the same for each answer's 2nd to 4th tokens
+    # each answer's time to first token as its visitor sees it: from sending POST /sessions to the token
+    ttft: list[int] = field(default_factory=list)
     last_ns: int = 0  # when the last token inside the window was received
     in_window: int = 0
     events_in_window: int = 0
@@ -195,6 +198,7 @@ class _Relay:
             if inside:
                 self.latencies.extend(received_ns - sent for _, sent in pairs)
                 self.first.extend(received_ns - sent for seq, sent in pairs if seq == 0)
+                self.early.extend(received_ns - sent for seq, sent in pairs if 1 <= seq <= 3)
                 self.last_ns = max(self.last_ns, received_ns)
                 self.in_window += len(pairs)
                 self.events_in_window += 1
@@ -214,10 +218,13 @@ async def _relay_session(
 
 
 async def _relay_answer(env: Env, server: Server, script: Script, stats: _Relay, reader: Server) -> None:
+    posted = time.monotonic_ns()
     sid = await client.start(env.http, server.url, script)
     seen = 0
     async with client.events_request(env.http, reader.url, sid) as response:
         async for received, got in client.frames(response):
+            if not seen and any(frame.event == "token" for frame in got):
+                stats.ttft.append(received - posted)
             stats.take(received, got)
             seen += sum(len(f.text().split()) for f in got if f.event == "token")
             if got[-1].event in ("done", "error"):
@@ -295,7 +302,9 @@ async def relay_start(env: Env, server: Server, *, sessions: int, per_session: f
     (each POST /sessions, the service's request to the upstream, each reader's GET /events, and the tokens
     of the answers that began first meanwhile), after five short answers that warm the process up. CPU is
     counted over the whole burst and its answers, their start-up included.
-    Shaped as `relay_step`'s result, with `first_p50` / `first_p99`: each answer's first token alone.
+    Shaped as `relay_step`'s result, with `first_p50` / `first_p99`: each answer's first token alone;
+    `early_p50` / `early_p99`: its 2nd to 4th tokens; `ttft_p50` / `ttft_p99`: from each POST to its
+    answer's first token, as the visitor sees it.
     """
     script = Script(tokens=tokens, rate=per_session)
     # A few short answers first, so that a process that just started (first connections, lazy imports)
@@ -326,6 +335,10 @@ async def relay_start(env: Env, server: Server, *, sessions: int, per_session: f
         "max": max(lat, default=float("nan")),
         "first_p50": pct(first, 50),
         "first_p99": pct(first, 99),
+        "early_p50": pct([ns / MS for ns in stats.early], 50),
+        "early_p99": pct([ns / MS for ns in stats.early], 99),
+        "ttft_p50": pct([ns / MS for ns in stats.ttft], 50),
+        "ttft_p99": pct([ns / MS for ns in stats.ttft], 99),
         "tokens_per_cpu_s": tokens_in / used["cpu"] if used["cpu"] else float("inf"),
         "service_core_busy": used["cpu"] / used["wall"],
         "redis_us_per_token": used["redis_cpu"] * 1e6 / tokens_in if tokens_in else float("nan"),
