@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatbot.app import create_app
 from chatbot.providers.http1 import Pool
-from chatbot.providers.transport import HttpTransport
+from chatbot.providers.transport import HttpTransport, take_body
 from tests.conftest import make_settings
 from tests.helpers import create_session, text_of, wait_terminal
 
@@ -457,13 +457,17 @@ def test_on_uvloop(case: Callable[[RawUpstream, Any], Any], monkeypatch: pytest.
     uvloop.run(run())
 
 
+@pytest.mark.parametrize("first", ["unfinished", "complete", "read in part"])
 async def test_a_response_nobody_closes_gives_its_connection_back_once_dropped(
-    raw: RawUpstream, caplog: pytest.LogCaptureFixture
+    raw: RawUpstream, caplog: pytest.LogCaptureFixture, first: str
 ) -> None:
     """A cancel that lands after the transport answered but before the provider took the body drops the
-    response unclosed: its pool slot must come back (here the pool holds one connection), not leak."""
+    response unclosed: its pool slot must come back (here the pool holds one connection), not leak. An
+    unfinished body closes its connection (the upstream stops); a complete one keeps it for the next."""
     head = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
-    raw.replies += [[head, 5.0], [head + b"".join(chunked(sse_events()))]]
+    body = b"".join(chunked(sse_events()))
+    opening = {"unfinished": [head, 5.0], "complete": [head + body], "read in part": [head + body[:40], 5.0]}
+    raw.replies += [opening[first], [head + body]]
     transport = HttpTransport()
     transport._pool = Pool(limit=1, keepalive=5.0)
     timeouts = {"timeout": {"pool": 1.0, "connect": 1.0, "read": 5.0}}
@@ -471,6 +475,10 @@ async def test_a_response_nobody_closes_gives_its_connection_back_once_dropped(
     try:
         response = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}", extensions=timeouts))
         assert response.status_code == 200
+        if first == "read in part":
+            assert await take_body(response).body.read()
+        elif first == "complete":
+            await asyncio.sleep(0.05)  # the whole body has arrived
         del response
         gc.collect()  # a dropped response may sit in a reference cycle (an exception's traceback)
         response = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}", extensions=timeouts))
@@ -479,5 +487,6 @@ async def test_a_response_nobody_closes_gives_its_connection_back_once_dropped(
         await response.aclose()
     finally:
         await transport.aclose()
-    assert raw.connections == 2  # the dropped one was unfinished: closed, so the upstream stops generating
+    # an unfinished body's connection closes, so the upstream stops generating; a complete one is reused
+    assert raw.connections == (1 if first == "complete" else 2)
     assert "dropped without being closed" in caplog.text
