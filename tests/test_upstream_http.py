@@ -466,7 +466,11 @@ async def test_a_response_nobody_closes_gives_its_connection_back_once_dropped(
     unfinished body closes its connection (the upstream stops); a complete one keeps it for the next."""
     head = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
     body = b"".join(chunked(sse_events()))
-    opening = {"unfinished": [head, 5.0], "complete": [head + body], "read in part": [head + body[:40], 5.0]}
+    opening: dict[str, list[Any]] = {
+        "unfinished": [head, 5.0],
+        "complete": [head + body],
+        "read in part": [head + body[:40], 5.0],
+    }
     raw.replies += [opening[first], [head + body]]
     transport = HttpTransport()
     transport._pool = Pool(limit=1, keepalive=5.0)
