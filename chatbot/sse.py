@@ -56,14 +56,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     resume = _resume_point(request)
     try:
-        terminal_id = await _terminal_id(request, sid)  # the session's metadata is not kept for the stream
-        if request.method == "HEAD":  # the headers a GET would get, without taking a slot or reading
-            return _head(resume, terminal_id)
+        # A session produced here is joined at once and its metadata read with its backlog, in one round trip
+        # (a reader's usual case, and a burst's: bench/RESULTS.md). Any other is looked up first, so that an
+        # unknown id costs no subscription to its notices.
+        checked = not (request.method == "GET" and request.app[STORE].producing(sid))
+        if checked:
+            terminal_id = await _terminal_id(request, sid)  # the session's metadata is not kept for the stream
+            if request.method == "HEAD":  # the headers a GET would get, without taking a slot or reading
+                return _head(resume, terminal_id)
         address = client_address(request, request.app[SETTINGS].trusted_proxies)
         caps = request.app[CAPS]
         caps.take(address)
         try:
-            return await _serve(request, sid, resume)
+            return await _serve(request, sid, resume, checked=checked)
         finally:
             caps.give_back(address)
     except StreamCapReached as cap:
@@ -104,8 +109,10 @@ def _come_back(request: web.Request, reason: str, wait_seconds: float, *, close:
     return response
 
 
-async def _serve(request: web.Request, sid: str, resume: str | None) -> web.StreamResponse:
+async def _serve(request: web.Request, sid: str, resume: str | None, *, checked: bool) -> web.StreamResponse:
     """The backlog after `resume`, then live events, until the terminal one or the client leaves.
+
+    `checked`: the session is known to exist; otherwise its metadata is read with the backlog (404 if none).
 
     One coroutine for the stream's whole life, and no context manager or waiter coroutine of its own:
     each frame an idle stream keeps costs memory per open stream (bench/RESULTS.md).
@@ -114,7 +121,12 @@ async def _serve(request: web.Request, sid: str, resume: str | None) -> web.Stre
     hub_sub = await hub.join(sid, events.parse_event_id(resume) if resume else (0, 0))
     started = False
     try:
-        backlog = await store.read_from(sid, resume or "-")
+        if checked:
+            backlog = await store.read_from(sid, resume or "-")
+        else:
+            meta, backlog = await store.session_and_read(sid, resume or "-")
+            if meta is None:
+                raise not_found()
         if resume is not None:
             if not backlog or backlog[0].id != resume:
                 raise Problem(

@@ -501,6 +501,18 @@ async def _cluster_enabled(url: str) -> bool:
         await client.aclose()
 
 
+def _session_meta(session_id: str, raw: Mapping[str, str]) -> SessionMeta | None:
+    if "status" not in raw:
+        return None
+    return SessionMeta(
+        id=session_id,
+        conversation_id=raw.get("conversation_id", ""),
+        message=raw.get("message", ""),
+        status=raw["status"],
+        terminal_id=raw.get("terminal_id"),
+    )
+
+
 def _entry(raw: tuple[str, Mapping[str, str]]) -> events.Event:
     entry_id, fields = raw
     return events.Event(entry_id, fields["e"], fields["d"])
@@ -692,15 +704,16 @@ class Store:
     @_gated
     async def session(self, session_id: str) -> SessionMeta | None:
         raw: dict[str, str] = await self.redis.hgetall(keys.meta(session_id))  # type: ignore[assignment]
-        if "status" not in raw:
-            return None
-        return SessionMeta(
-            id=session_id,
-            conversation_id=raw.get("conversation_id", ""),
-            message=raw.get("message", ""),
-            status=raw["status"],
-            terminal_id=raw.get("terminal_id"),
+        return _session_meta(session_id, raw)
+
+    @_gated
+    async def session_and_read(self, session_id: str, start: str) -> tuple[SessionMeta | None, list[events.Event]]:
+        """`session` and `read_from(start)` in one round trip (the session's keys share one slot, so one node)."""
+        meta, stream = keys.meta(session_id), keys.stream(session_id)
+        raw_meta, raw_entries = _raise_first(
+            await self._rounds([("HGETALL", meta), ("XRANGE", stream, start, "+")], [meta, stream])
         )
+        return _session_meta(session_id, raw_meta), [_entry(item) for item in raw_entries]
 
     # -- the producer's writes --------------------------------------------------------------------
 

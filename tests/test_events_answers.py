@@ -17,8 +17,9 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from chatbot import keys
 from chatbot.app import create_app
-from chatbot.appkeys import HUB, PRODUCERS
+from chatbot.appkeys import HUB, PRODUCERS, STORE
 from chatbot.web import WEB_ROOT, version
 from tests.conftest import RedisServer, close_promptly, make_settings
 from tests.helpers import (
@@ -161,6 +162,28 @@ async def test_final_conditions_keep_their_status_and_are_not_stored(make_client
     async with client.get(f"/events/{sid}", headers={"Last-Event-ID": events[-1].id or ""}) as done:
         assert done.status == 204
         assert done.headers["Cache-Control"] == "no-store"
+
+
+async def test_a_session_produced_here_is_served_and_one_whose_record_vanished_is_unknown(
+    make_client: MakeClient, redis_url: str
+) -> None:
+    """A GET for a session this instance generates reads the session's record with its backlog, in one
+    round trip, instead of looking it up first. A record that vanished meanwhile (a store that restarted
+    empty) must still answer 404, with or without Last-Event-ID, never an empty stream."""
+    client = await make_client(demo_tokens_per_second=0.2, demo_answer_tokens=3)  # first token after 5 s
+    sid = (await create_session(client))["id"]
+    store = client.app[STORE]
+    async with client.get(f"/events/{sid}") as live:
+        assert live.status == 200
+        assert (await live.content.readline()).startswith(b"retry:")
+    with redis.Redis.from_url(redis_url) as r:
+        r.delete(keys.meta(sid), keys.stream(sid))
+    assert store.producing(sid), "the producer appended meanwhile: the path under test was not taken"
+    for headers in ({}, {"Last-Event-ID": "1-0"}):
+        async with client.get(f"/events/{sid}", headers=headers) as gone:
+            await assert_problem(gone, 404)
+    assert store.producing(sid)
+    assert await metric_value(client, "chatbot_open_streams") == 0
 
 
 # --- HEAD ------------------------------------------------------------------------------------------------
