@@ -127,6 +127,7 @@ async def _serve(request: web.Request, sid: str, resume: str | None, *, checked:
             meta, backlog = await store.session_and_read(sid, resume or "-")
             if meta is None:
                 raise not_found()
+            del meta  # the record (the visitor's message with it) is not kept for the stream's life
         if resume is not None:
             if not backlog or backlog[0].id != resume:
                 raise Problem(
