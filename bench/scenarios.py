@@ -11,7 +11,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,20 @@ SCRIPT_ONLY = {
     "service": ("hmget", "xadd", "xrevrange", "time", "publish", "hget", "rpush", "ltrim", "incr", "pexpire", "pttl")
 }
 HARNESS = ("info", "client|list", "client|setname", "flushall", "ping")
+
+
+@contextlib.contextmanager
+def _no_collector() -> Iterator[None]:
+    """The load generator's own garbage collector off while latencies are taken, as the peers' drivers do
+    (`gc.disable()` in ../shared/peers): a full collection of this process's heap (every token's latency
+    is kept) paused it for 35-60 ms about 2 s into an answer, and each token it read meanwhile was counted
+    as that much late; up to 140 of the 15,000 tokens of `relay_start`, as many as its p99 may hold."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -257,17 +271,18 @@ async def relay_step_across(
     w0, w1 = t0 + ramp + warm, t0 + ramp + seconds
     stats.window = (int(w0 * 1e9), int(w1 * 1e9))
     counters = Counters(env, server, also=() if reader is None else (reader,))
-    tasks = [
-        asyncio.create_task(_relay_session(env, server, script, t0 + ramp * i / sessions, stats, reader))
-        for i in range(sessions)
-    ]
-    await asyncio.sleep(w0 - time.monotonic())
-    await _upstream(env, "stats")
-    counters.begin()
-    await asyncio.sleep(w1 - time.monotonic())
-    used = counters.end()
-    late = await _upstream(env, "stats")
-    await asyncio.gather(*tasks)
+    with _no_collector():
+        tasks = [
+            asyncio.create_task(_relay_session(env, server, script, t0 + ramp * i / sessions, stats, reader))
+            for i in range(sessions)
+        ]
+        await asyncio.sleep(w0 - time.monotonic())
+        await _upstream(env, "stats")
+        counters.begin()
+        await asyncio.sleep(w1 - time.monotonic())
+        used = counters.end()
+        late = await _upstream(env, "stats")
+        await asyncio.gather(*tasks)
     tokens = stats.in_window
     lat = [ns / MS for ns in stats.latencies]
     return {
@@ -314,11 +329,12 @@ async def relay_start(env: Env, server: Server, *, sessions: int, per_session: f
     stats = _Relay()
     stats.window = (0, 2**63)
     counters = Counters(env, server)
-    at = time.monotonic() + 0.2
-    await _upstream(env, "stats")
-    counters.begin()
-    await asyncio.gather(*(_relay_session(env, server, script, at, stats) for _ in range(sessions)))
-    used = counters.end()
+    with _no_collector():
+        at = time.monotonic() + 0.2
+        await _upstream(env, "stats")
+        counters.begin()
+        await asyncio.gather(*(_relay_session(env, server, script, at, stats) for _ in range(sessions)))
+        used = counters.end()
     late = await _upstream(env, "stats")
     tokens_in = stats.in_window
     lat = [ns / MS for ns in stats.latencies]

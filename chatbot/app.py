@@ -127,6 +127,7 @@ def _resources(provider: Provider, fatal: Callable[[str], None]):  # type: ignor
             reasoning=settings.reasoning == "show",
             on_fatal=fatal,
             batch_interval=settings.write_batch_interval_ms / 1000,
+            starts_at_once=settings.starts_at_once,
         )
         hub = Hub(
             store,

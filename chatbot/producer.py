@@ -250,6 +250,20 @@ async def _retrying(session_id: str, call: Callable[[], Awaitable[AppendResult]]
 _Batch = list[tuple[_Writer, list[tuple[str, str]], int, list[tuple[str, str, str]]]]
 
 
+class StartSlot:
+    """One of `Producers.start_slot`'s places; `free` gives it to the next in line (once; later calls do nothing)."""
+
+    __slots__ = ("_starts",)
+
+    def __init__(self, starts: asyncio.Semaphore) -> None:
+        self._starts: asyncio.Semaphore | None = starts
+
+    def free(self) -> None:
+        if self._starts is not None:
+            self._starts.release()
+            self._starts = None
+
+
 class _Batcher:
     """Sends every session's pending text in one round trip per batch, at most one batch per `interval`.
 
@@ -408,6 +422,7 @@ class Producers:
         reasoning: bool = True,
         on_fatal: Callable[[str], None] = lambda name: None,
         batch_interval: float = 0.0,
+        starts_at_once: int = 8,
     ) -> None:
         self._store = store
         self._provider = provider
@@ -422,6 +437,7 @@ class Producers:
         self._admitting = 0  # sessions between `admission()` and their spawn
         self._admitted = asyncio.Event()  # set when _admitting falls to 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._starts = asyncio.Semaphore(starts_at_once)  # `start_slot`
         # Per answer, a future done once it must stop (a cancel, or its writer failed): `_relay` waits on it
         # beside the copy task, with no task or `asyncio.Event` of its own (memory per answer, bench/RESULTS.md).
         self._cancels: dict[str, asyncio.Future[None]] = {}
@@ -443,6 +459,22 @@ class Producers:
     def active(self) -> int:
         return len(self._tasks)
 
+    async def start_slot(self) -> tuple[StartSlot, bool]:
+        """Wait, in arrival order, until fewer than `starts_at_once` answers are starting here: the slot, to
+        be given to `spawn` (or freed with `StartSlot.free` if the answer never starts), and whether this
+        call had to wait (a burst of new sessions) or got its slot at once.
+
+        An answer is starting from its slot until its provider's request is on its way (the provider's first
+        wait: for its upstream connection or answer), which is the CPU-heavy part of a start (the SDK building
+        the request). So a burst of a hundred new sessions is started a few at a time, first come first
+        served, instead of all a hundred a step at a time: the first visitors' answers begin at once instead
+        of at the end of the burst, the last ones' about when they would have, and the tokens of the answers
+        already running are not queued behind a hundred starts (bench/RESULTS.md).
+        """
+        waited = self._starts.locked()
+        await self._starts.acquire()
+        return StartSlot(self._starts), waited
+
     def spawn(
         self,
         session_id: str,
@@ -451,16 +483,18 @@ class Producers:
         conversation_id: str | None = None,
         sources: Sequence[Mapping[str, str]] = (),
         stored: asyncio.Future[None] | None = None,
+        slot: StartSlot | None = None,
     ) -> None:
         """Start generating; with a conversation id, the turn joins that conversation's history when it ends.
 
         `sources` ({"title", "url"} each), if any, are the answer's first event. With `stored`, the upstream
         request starts now but nothing is written until that future is done: its result says the session is
         stored; cancelling it says the session never will be, and the answer is dropped without a write.
+        `slot` (from `start_slot`) is given back once the provider's request is on its way, or the answer ended first.
         """
         cancel = self._cancels[session_id] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._generate(session_id, messages, cancel, conversation_id, sources, stored),
+            self._generate(session_id, messages, cancel, conversation_id, sources, stored, slot),
             name=f"generate-{session_id}",
         )
         self._tasks[session_id] = task
@@ -528,6 +562,7 @@ class Producers:
         conversation_id: str | None,
         sources: Sequence[Mapping[str, str]],
         stored: asyncio.Future[None] | None,
+        slot: StartSlot | None,
     ) -> None:
         writer = _Writer(
             self._store,
@@ -541,7 +576,7 @@ class Producers:
         )
         # The upstream request starts now, while the session may still be on its way to the store: its text
         # waits in the held writer (time to first token: bench/RESULTS.md).
-        copy = asyncio.create_task(self._copy(messages, writer), name=f"copy-{session_id}")
+        copy = asyncio.create_task(self._copy(messages, writer, slot), name=f"copy-{session_id}")
         if stored is not None and not await _until_stored(stored, copy):
             return
         turn = (conversation_id, messages[-1].content)
@@ -585,6 +620,8 @@ class Producers:
             log.exception("session %s: generation failed", session_id)
             await self._end_with_error(writer, "internal_error", "The answer failed on the server.", retryable=True)
         finally:
+            if slot is not None:
+                slot.free()  # the answer ended before its request went (its copy loop never ran, or failed at once)
             if not copy.done():  # the answer ended before its copy loop was let run (the store failed)
                 copy.cancel()
                 await asyncio.wait({copy})
@@ -615,10 +652,13 @@ class Producers:
             return Finish("cancelled")
         return relay.result()
 
-    async def _copy(self, messages: Sequence[Message], writer: _Writer) -> Finish:
+    async def _copy(self, messages: Sequence[Message], writer: _Writer, slot: StartSlot | None) -> Finish:
         """The answer into its writer: a push provider calls `writer.add` from the upstream connection's
         own read callback (no task wakes up per delta). Anything a pulled provider yields that is not str,
-        Reasoning or Finish is a bug that fails this answer (internal_error), never the shared writer."""
+        Reasoning or Finish is a bug that fails this answer (internal_error), never the shared writer.
+        The start `slot` is given back once the provider first waits: its request is built and on its way."""
+        if slot is not None:
+            asyncio.get_running_loop().call_soon(slot.free)
         try:
             return await relay(self._provider, messages, writer)
         except _Full:

@@ -109,16 +109,30 @@ async def _start(request: web.Request, body: dict[str, Any], message: str, conve
         request.app[SETTINGS].system_prompt, turns, message, knowledge=None if found is None else found.passages
     )
     sources = [] if found is None else found.sources
-    # The producer starts its upstream request while the session is being stored; it writes nothing
-    # before `stored` is set, and drops the answer if the session could not be stored.
-    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    request.app[PRODUCERS].spawn(session_id, messages, conversation_id=conversation_id, sources=sources, stored=stored)
+    producers = request.app[PRODUCERS]
+    slot, waited = await producers.start_slot()
     try:
-        await store.create_session(session_id, conversation_id, message)
+        if waited:
+            # A burst of new sessions: this one is stored, and its POST answered, before its upstream request,
+            # so that its reader can be there when the first token comes (ARCHITECTURE.md, "A new session").
+            await store.create_session(session_id, conversation_id, message)
+            producers.spawn(session_id, messages, conversation_id=conversation_id, sources=sources, slot=slot)
+            return session_id
+        # The producer starts its upstream request while the session is being stored; it writes nothing
+        # before `stored` is set, and drops the answer if the session could not be stored.
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        producers.spawn(
+            session_id, messages, conversation_id=conversation_id, sources=sources, stored=stored, slot=slot
+        )
+        try:
+            await store.create_session(session_id, conversation_id, message)
+        except BaseException:
+            stored.cancel()
+            raise
+        stored.set_result(None)
     except BaseException:
-        stored.cancel()
+        slot.free()
         raise
-    stored.set_result(None)
     return session_id
 
 

@@ -147,6 +147,8 @@ class Settings:
     lease_ttl_seconds: float = 5.0
     # The least time between two batches of appends; the first output of an answer never waits for it.
     write_batch_interval_ms: float = 2.0
+    # Answers this process starts at the same time; later ones wait their turn, in arrival order.
+    starts_at_once: int = 8
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     model: str = ""
     max_output_tokens: int | None = None
@@ -215,6 +217,9 @@ class Settings:
                 d.write_batch_interval_ms,
                 _float_in(0.0, 1000.0),
                 "milliseconds, 0-1000",
+            ),
+            starts_at_once=_parse(
+                env, "CHATBOT_STARTS_AT_ONCE", d.starts_at_once, _int_in(1, 10_000), "an integer 1-10000"
             ),
             cors_origins=_parse(env, "CHATBOT_CORS_ORIGINS", d.cors_origins, _origins, "comma-separated origins"),
             model=_model(env, provider),

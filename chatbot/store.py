@@ -32,6 +32,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
     ClusterError,
+    DataError,
     MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
@@ -591,6 +592,10 @@ class Store:
         # connections (of the pool's own, or beside a pool one smaller: `open_redis`).
         self._slots = asyncio.Semaphore(settings.redis_pool_size - (0 if self.cluster else 1))
         self._call_timeout = None if self.cluster else CALL_TIMEOUT_SECONDS
+        # On one Redis, calls of `_shared_round` that found every connection busy, each with its commands and
+        # the future of its replies, and the one task that sends them together once a connection frees.
+        self._waiting: list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self._sender: asyncio.Task[None] | None = None
         # The id of each local producer's last entry ("0-0" before its first): the id before its next entry,
         # which its notice carries, and, on a cluster, what the stream must still end with (a tail lost in a
         # failover is noticed by the append script).
@@ -652,7 +657,6 @@ class Store:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    @_gated
     async def create_session(self, session_id: str, conversation_id: str, message: str) -> None:
         """Store a new queued session, its conversation and its producer's first lease, in one round trip.
 
@@ -668,7 +672,7 @@ class Store:
             ("HSET", conversation, "last_session", session_id),
             ("EXPIRE", conversation, self._ttl),
         ]
-        _raise_first(await self._rounds(commands, [command[1] for command in commands]))
+        _raise_first(await self._shared_round(commands, [command[1] for command in commands]))
         self._last[session_id] = FIRST  # its producer runs here, and its stream is empty
 
     @_gated
@@ -701,17 +705,16 @@ class Store:
         )
         return kept
 
-    @_gated
     async def session(self, session_id: str) -> SessionMeta | None:
-        raw: dict[str, str] = await self.redis.hgetall(keys.meta(session_id))  # type: ignore[assignment]
+        meta = keys.meta(session_id)
+        raw: dict[str, str] = _raise_first(await self._shared_round([("HGETALL", meta)], [meta]))[0]
         return _session_meta(session_id, raw)
 
-    @_gated
     async def session_and_read(self, session_id: str, start: str) -> tuple[SessionMeta | None, list[events.Event]]:
         """`session` and `read_from(start)` in one round trip (the session's keys share one slot, so one node)."""
         meta, stream = keys.meta(session_id), keys.stream(session_id)
         raw_meta, raw_entries = _raise_first(
-            await self._rounds([("HGETALL", meta), ("XRANGE", stream, start, "+")], [meta, stream])
+            await self._shared_round([("HGETALL", meta), ("XRANGE", stream, start, "+")], [meta, stream])
         )
         return _session_meta(session_id, raw_meta), [_entry(item) for item in raw_entries]
 
@@ -928,6 +931,102 @@ class Store:
                 replies[i] = reply
         return replies
 
+    async def _shared_round(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
+        """`_rounds` for a call that may share its round trip: a reply or an error each; raises RedisError
+        (or OSError) if the round trip as a whole failed.
+
+        On one Redis, a call that finds every connection busy (or others already waiting) does not wait for
+        a connection of its own: its commands join those of the other waiting calls, and the first connection
+        that frees sends them all as one pipeline. A burst of a hundred `POST /sessions` and `GET /events`
+        thus costs a few round trips instead of a hundred, and redis-py's per-call cost (pool checkout, the
+        retry wrapper, the pipeline object) is paid once per pipeline. Node's redis client and ioredis do
+        the same (auto-pipelining); redis-py has no such mode. A cluster takes the plain gated path.
+        """
+        if self.cluster or (not self._waiting and not self._slots.locked()):
+            return await self._gated_rounds(commands, route)
+        replies: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((commands, replies))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_waiting(), name="store-shared-rounds")
+        return await replies
+
+    @_gated
+    async def _gated_rounds(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
+        return await self._rounds(commands, route)
+
+    async def _send_waiting(self) -> None:
+        """Send the waiting calls' commands, as one pipeline per free connection, until none wait."""
+        try:
+            while self._waiting:
+                try:
+                    async with asyncio.timeout(POOL_WAIT_SECONDS):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    error = RedisConnectionError(f"no free Redis connection within {POOL_WAIT_SECONDS:.0f} s")
+                    for _, replies in self._take_waiting():
+                        replies.set_exception(error)
+                    continue
+                calls = self._take_waiting()
+                try:
+                    await self._send_together(calls)
+                except BaseException:
+                    for _, replies in calls:
+                        replies.cancel()  # a no-op for those answered already
+                    raise
+                finally:
+                    self._slots.release()
+        finally:
+            self._sender = None
+            for _, replies in self._take_waiting():  # only if this task itself was cancelled (shutdown)
+                replies.cancel()
+
+    def _take_waiting(self) -> list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]]:
+        """The waiting calls, less those whose caller stopped waiting (cancelled): theirs are not sent."""
+        waiting, self._waiting = self._waiting, []
+        return [(commands, replies) for commands, replies in waiting if not replies.done()]
+
+    async def _send_together(self, calls: list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]]) -> None:
+        """One pipeline for `calls`; each call's future gets its own replies, or the error that failed the
+        round trip. A call whose own arguments cannot be sent (packing raised) fails alone: the others go
+        again, each on its own."""
+        if not calls:
+            return
+        flat = [command for commands, _ in calls for command in commands]
+        give_up = 0.0
+        while True:
+            try:
+                assert self._call_timeout is not None
+                async with asyncio.timeout(self._call_timeout):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for command in flat:
+                            pipe.execute_command(*command)
+                        replies = list(await pipe.execute(raise_on_error=False))
+                break
+            except MaxConnectionsError as exc:
+                # A connection of the pool is still being closed after an error: nothing was sent.
+                now = time.monotonic()
+                give_up = give_up or now + POOL_WAIT_SECONDS
+                if now < give_up:
+                    await asyncio.sleep(0.02)
+                    continue
+                return _fail_all(calls, exc)
+            except TimeoutError:
+                return _fail_all(calls, RedisTimeoutError(f"Redis did not answer within {self._call_timeout:.0f} s"))
+            except Exception as exc:
+                if isinstance(exc, RedisError | OSError) and not isinstance(exc, DataError):
+                    return _fail_all(calls, exc)  # the round trip failed, for every call in it alike
+                # Packing raised (an argument redis-py cannot encode): only the call it belongs to may fail.
+                if len(calls) == 1:
+                    return _fail_all(calls, exc)
+                for call in calls:
+                    await self._send_together([call])
+                return
+        at = 0
+        for commands, future in calls:
+            if not future.done():
+                future.set_result(replies[at : at + len(commands)])
+            at += len(commands)
+
     async def _rounds(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
         """Pipelined commands, each routed by the key in `route`: a reply or an error each.
 
@@ -1007,6 +1106,12 @@ def _master(cluster: RedisCluster, key: str) -> ClusterNode:
     if node is None:
         raise ClusterError(f"no master serves the slot of {key}")
     return node
+
+
+def _fail_all(calls: list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]], error: Exception) -> None:
+    for _, replies in calls:
+        if not replies.done():
+            replies.set_exception(error)
 
 
 def _raise_first(replies: list[Any]) -> list[Any]:

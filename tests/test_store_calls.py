@@ -11,6 +11,7 @@ gets its own reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -80,6 +81,129 @@ async def test_a_redis_that_stops_answering_fails_a_call_in_time_and_later_calls
         for _ in range(3):
             got = await asyncio.gather(st.session(second), st.session(first))
             assert [m.message if m else None for m in got] == ["the second", "the first"]
+    finally:
+        await st.close()
+
+
+def _reads(server: RedisServer) -> int:
+    """How many times Redis has read from its clients' sockets (INFO stats): one per round trip it was sent."""
+    with server.client() as admin:
+        return int(admin.info("stats")["total_reads_processed"])
+
+
+@contextlib.contextmanager
+def _stopped(server: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP): what the store sends meanwhile waits in the sockets, unread, until it goes on."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+async def _waiting(calls: int, st: store.Store) -> None:
+    """Until `calls` store calls wait for a connection (each connection's call is stuck on a stopped Redis)."""
+    for _ in range(200):
+        if len(st._waiting) >= calls:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{len(st._waiting)} calls wait, not {calls}")
+
+
+async def test_calls_that_wait_for_a_connection_share_one_round_trip(own_redis: RedisServer) -> None:
+    """A burst of new sessions (POST /sessions) and of readers (GET /events) on a pool of 3: the calls that
+    find both command connections busy are sent together when one frees, not one round trip each; every
+    call still gets its own replies."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        await asyncio.gather(st.ping(), st.ping())  # both command connections open
+        sids = [ids.new_id() for _ in range(100)]
+        before = _reads(own_redis)
+        with _stopped(own_redis):
+            creating = [
+                asyncio.create_task(st.create_session(sid, ids.new_id(), f"question {i}")) for i, sid in enumerate(sids)
+            ]
+            await _waiting(98, st)
+        await asyncio.gather(*creating)
+        found = await asyncio.gather(*(st.session_and_read(sid, "-") for sid in sids))
+        assert [meta.message if meta else None for meta, _ in found] == [f"question {i}" for i in range(100)]
+        assert all(entries == [] for _, entries in found)
+        # 2 round trips for the calls that had a connection, a few for the 98 that waited (a pipeline of 490
+        # commands can take Redis several reads), a few for the 100 reads after, 1 for each INFO here.
+        # One round trip per call would be 200 reads.
+        assert _reads(own_redis) - before < 30
+    finally:
+        await st.close()
+
+
+async def test_in_a_shared_round_trip_a_call_that_cannot_be_sent_fails_alone(own_redis: RedisServer) -> None:
+    """A message with a lone surrogate cannot be encoded: that session fails as it would on its own, and the
+    sessions whose commands were to share its round trip are stored all the same."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        await asyncio.gather(st.ping(), st.ping())
+        sids = [ids.new_id() for _ in range(8)]
+        messages = [f"question {i}" for i in range(8)]
+        messages[4] = "bad \ud800"
+        with _stopped(own_redis):
+            creating = [
+                asyncio.create_task(st.create_session(sid, ids.new_id(), message))
+                for sid, message in zip(sids, messages, strict=True)
+            ]
+            await _waiting(6, st)
+        outcomes = await asyncio.gather(*creating, return_exceptions=True)
+        assert [type(outcome).__name__ for outcome in outcomes] == ["NoneType"] * 4 + ["UnicodeEncodeError"] + [
+            "NoneType"
+        ] * 3
+        metas = await asyncio.gather(*(st.session(sid) for sid in sids))
+        assert [meta.message if meta else None for meta in metas] == [*messages[:4], None, *messages[5:]]
+    finally:
+        await st.close()
+
+
+async def test_a_waiting_call_given_up_is_not_sent_and_the_others_go_on(own_redis: RedisServer) -> None:
+    """A POST whose client went away while its session waited for a connection: nothing of it is written."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        await asyncio.gather(st.ping(), st.ping())
+        sids = [ids.new_id() for _ in range(6)]
+        with _stopped(own_redis):
+            creating = [asyncio.create_task(st.create_session(sid, ids.new_id(), sid)) for sid in sids]
+            await _waiting(4, st)
+            creating[3].cancel()
+            await asyncio.sleep(0.01)
+        outcomes = await asyncio.gather(*creating, return_exceptions=True)
+        assert isinstance(outcomes[3], asyncio.CancelledError)
+        metas = await asyncio.gather(*(st.session(sid) for sid in sids))
+        assert [meta.message if meta else None for meta in metas] == [*sids[:3], None, *sids[4:]]
+    finally:
+        await st.close()
+
+
+async def test_a_redis_that_stops_answering_fails_every_waiting_call_in_time(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "CALL_TIMEOUT_SECONDS", 0.5)
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        await asyncio.gather(st.ping(), st.ping())
+        sids = [ids.new_id() for _ in range(20)]
+        with _stopped(own_redis):
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(st.create_session(sid, ids.new_id(), sid) for sid in sids), return_exceptions=True
+            )
+            assert time.monotonic() - started < 3  # the two stuck calls, then the shared one: 0.5 s each
+        assert all(isinstance(outcome, RedisTimeoutError) for outcome in outcomes), outcomes
+        again = [ids.new_id() for _ in range(20)]
+        await asyncio.gather(*(st.create_session(sid, ids.new_id(), sid) for sid in again))
+        metas = await asyncio.gather(*(st.session(sid) for sid in again))
+        assert [meta.message if meta else None for meta in metas] == again
     finally:
         await st.close()
 
