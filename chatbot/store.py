@@ -675,21 +675,26 @@ class Store:
         _raise_first(await self._shared_round(commands, [command[1] for command in commands]))
         self._last[session_id] = FIRST  # its producer runs here, and its stream is empty
 
-    @_gated
     async def count_hit(self, address: str, window_seconds: int) -> tuple[int, float]:
         """Count one hit for `address` in the current window: (hits so far, seconds until it resets)."""
-        count, ttl_ms = await self._rate(keys=[keys.rate(address)], args=[window_seconds * 1000])
+        key = keys.rate(address)
+        command = ("EVALSHA", self._rate.sha, 1, key, window_seconds * 1000)
+        reply = (await self._shared_round([command], [key]))[0]
+        if isinstance(reply, NoScriptError):  # Redis restarted, or its scripts were flushed: load and again
+            reply = (await self._gated_eval_rounds(self._rate, [command]))[0]
+        count, ttl_ms = _raise_first([reply])[0]
         return int(count), int(ttl_ms) / 1000
 
-    @_gated
     async def conversation_exists(self, conversation_id: str) -> bool:
         """True while its last session or its history lives (they share a hash tag, so one EXISTS)."""
-        return bool(await self.redis.exists(keys.conversation(conversation_id), keys.history(conversation_id)))
+        conversation = keys.conversation(conversation_id)
+        command = ("EXISTS", conversation, keys.history(conversation_id))
+        return bool(_raise_first(await self._shared_round([command], [conversation]))[0])
 
-    @_gated
     async def history(self, conversation_id: str) -> list[Turn]:
         """The conversation's kept turns, oldest first."""
-        raw: list[str] = await self.redis.lrange(keys.history(conversation_id), 0, -1)  # type: ignore[assignment]
+        key = keys.history(conversation_id)
+        raw: list[str] = _raise_first(await self._shared_round([("LRANGE", key, 0, -1)], [key]))[0]
         return [history.decode(item) for item in raw]
 
     @_gated
@@ -939,8 +944,9 @@ class Store:
         a connection of its own: its commands join those of the other waiting calls, and the first connection
         that frees sends them all as one pipeline. A burst of a hundred `POST /sessions` and `GET /events`
         thus costs a few round trips instead of a hundred, and redis-py's per-call cost (pool checkout, the
-        retry wrapper, the pipeline object) is paid once per pipeline. Node's redis client and ioredis do
-        the same (auto-pipelining); redis-py has no such mode. A cluster takes the plain gated path.
+        retry wrapper, the pipeline object) is paid once per pipeline. ioredis (`enableAutoPipelining`) and
+        node-redis do the same; redis-py has no such mode (redis/redis-py#3767, open). A cluster takes the
+        plain gated path.
         """
         if self.cluster or (not self._waiting and not self._slots.locked()):
             return await self._gated_rounds(commands, route)
@@ -953,6 +959,10 @@ class Store:
     @_gated
     async def _gated_rounds(self, commands: Sequence[tuple[Any, ...]], route: Sequence[str]) -> list[Any]:
         return await self._rounds(commands, route)
+
+    @_gated
+    async def _gated_eval_rounds(self, script: AsyncScript, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return await self._eval_rounds(script, commands)
 
     async def _send_waiting(self) -> None:
         """Send the waiting calls' commands, as one pipeline per free connection, until none wait."""

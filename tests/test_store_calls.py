@@ -208,6 +208,27 @@ async def test_a_redis_that_stops_answering_fails_every_waiting_call_in_time(
         await st.close()
 
 
+async def test_rate_counts_go_on_after_redis_forgets_the_script_alone_or_in_a_shared_round(
+    own_redis: RedisServer,
+) -> None:
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        assert (await st.count_hit("198.51.100.7", 60))[0] == 1
+        with own_redis.client() as admin:
+            admin.script_flush()
+        hits, resets_in = await st.count_hit("198.51.100.7", 60)
+        assert hits == 2 and 0 < resets_in <= 60
+        with own_redis.client() as admin:
+            admin.script_flush()
+        with _stopped(own_redis):
+            counting = [asyncio.create_task(st.count_hit(f"198.51.100.{i}", 60)) for i in range(10, 40)]
+            await _waiting(28, st)
+        assert [hits for hits, _ in await asyncio.gather(*counting)] == [1] * 30
+    finally:
+        await st.close()
+
+
 PACKED = [
     ("EVALSHA", "f" * 40, 0, 10_000, 3600, "sid", "token", '{"t": "héllo 😀 \\u2028"}', "1700000000000-0"),
     ("CLIENT SETINFO", "LIB-NAME", "redis-py"),
