@@ -35,9 +35,11 @@ def test_values_from_environment() -> None:
             "CHATBOT_SESSION_TTL_SECONDS": "60",
             "CHATBOT_CORS_ORIGINS": "https://a.example, https://b.example/",
             "CHATBOT_WRITE_BATCH_INTERVAL_MS": "0.5",
+            "CHATBOT_STARTS_AT_ONCE": "3",
         }
     )
     assert settings.write_batch_interval_ms == 0.5 and Settings().write_batch_interval_ms == 2.0
+    assert settings.starts_at_once == 3 and Settings().starts_at_once == 8
     assert settings.host == "0.0.0.0" and settings.port == 9000
     assert settings.redis_url == "redis://localhost:6380/2" and not settings.embedded_store
     assert settings.demo_tokens_per_second == 50.5 and settings.session_ttl_seconds == 60
@@ -72,6 +74,8 @@ def test_empty_redis_url_means_embedded() -> None:
         ("CHATBOT_WRITE_BATCH_INTERVAL_MS", "-1"),
         ("CHATBOT_WRITE_BATCH_INTERVAL_MS", "nan"),
         ("CHATBOT_WRITE_BATCH_INTERVAL_MS", "5000"),
+        ("CHATBOT_STARTS_AT_ONCE", "0"),
+        ("CHATBOT_STARTS_AT_ONCE", "eight"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
