@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from redis import asyncio as aioredis
 
@@ -62,76 +61,65 @@ class CostlyStart:
         return None
 
 
-@pytest_asyncio.fixture
-async def serve() -> AsyncIterator[Any]:
-    clients: list[Client] = []
-
-    async def start(redis_url: str, provider: CostlyStart, **overrides: Any) -> Client:
-        settings = make_settings("redis", redis_url, rate_limit=0, **overrides)
-        client: Client = TestClient(TestServer(create_app(settings, provider=provider)))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        await client.close()
+def service(redis_url: str, provider: CostlyStart, **overrides: Any) -> Client:
+    """The real app on the test's Redis with `provider`; used as `async with`."""
+    settings = make_settings("redis", redis_url, rate_limit=0, **overrides)
+    return TestClient(TestServer(create_app(settings, provider=provider)))
 
 
-async def test_a_burst_of_new_sessions_is_started_first_come_first_served(redis_url: str, serve: Any) -> None:
+async def test_a_burst_of_new_sessions_is_started_first_come_first_served(redis_url: str) -> None:
     """Sixteen visitors at once, two starts at a time: the first are answered while most answers have not
     begun (all at once, every start would run before any POST was answered), and every answer is whole."""
     provider = CostlyStart(build=0.01)
-    client = await serve(redis_url, provider, starts_at_once=2)
-    begun_when_answered: list[int] = []
+    async with service(redis_url, provider, starts_at_once=2) as client:
+        begun_when_answered: list[int] = []
 
-    async def visitor(i: int) -> dict[str, Any]:
-        resp = await client.post("/sessions", json={"message": f"visitor {i}"})
-        begun_when_answered.append(len(provider.started))
-        assert resp.status == 201, await resp.text()
-        created: dict[str, Any] = await resp.json()
-        return created
+        async def visitor(i: int) -> dict[str, Any]:
+            resp = await client.post("/sessions", json={"message": f"visitor {i}"})
+            begun_when_answered.append(len(provider.started))
+            assert resp.status == 201, await resp.text()
+            created: dict[str, Any] = await resp.json()
+            return created
 
-    created = await asyncio.gather(*(visitor(i) for i in range(16)))
-    assert sorted(provider.started) == sorted(f"visitor {i}" for i in range(16))
-    assert min(begun_when_answered) <= 8, begun_when_answered
-    for i, session in enumerate(created):
-        stream = await wait_terminal(client, session["id"])
-        assert text_of(stream.events) == "".join(words_for(f"visitor {i}"))
-        assert json.loads(stream.events[-1].data)["finish_reason"] == "stop"
+        created = await asyncio.gather(*(visitor(i) for i in range(16)))
+        assert sorted(provider.started) == sorted(f"visitor {i}" for i in range(16))
+        assert min(begun_when_answered) <= 8, begun_when_answered
+        for i, session in enumerate(created):
+            stream = await wait_terminal(client, session["id"])
+            assert text_of(stream.events) == "".join(words_for(f"visitor {i}"))
+            assert json.loads(stream.events[-1].data)["finish_reason"] == "stop"
 
 
-async def test_a_start_slot_is_given_back_however_the_start_ends(redis_url: str, serve: Any) -> None:
+async def test_a_start_slot_is_given_back_however_the_start_ends(redis_url: str) -> None:
     """One start at a time: after an answer that failed before its request went, one cancelled while it
     waited, and a burst the store refused, a new visitor's answer still starts (a slot kept by any of them
     would leave every later POST waiting)."""
     provider = CostlyStart(build=0.0)
-    client = await serve(redis_url, provider, starts_at_once=1)
+    async with service(redis_url, provider, starts_at_once=1) as client:
+        failed = await create_session(client, "fail at once")
+        stream = await asyncio.wait_for(wait_terminal(client, failed["id"]), 5)
+        assert stream.events[-1].type == "error"
 
-    failed = await create_session(client, "fail at once")
-    stream = await asyncio.wait_for(wait_terminal(client, failed["id"]), 5)
-    assert stream.events[-1].type == "error"
+        hanging = await asyncio.wait_for(create_session(client, "hang"), 5)
+        resp = await client.post(f"/sessions/{hanging['id']}/cancel")
+        assert resp.status in (200, 202), await resp.text()
+        stream = await asyncio.wait_for(wait_terminal(client, hanging["id"]), 5)
+        assert json.loads(stream.events[-1].data)["finish_reason"] == "cancelled"
 
-    hanging = await asyncio.wait_for(create_session(client, "hang"), 5)
-    resp = await client.post(f"/sessions/{hanging['id']}/cancel")
-    assert resp.status in (200, 202), await resp.text()
-    stream = await asyncio.wait_for(wait_terminal(client, hanging["id"]), 5)
-    assert json.loads(stream.events[-1].data)["finish_reason"] == "cancelled"
+        admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            await admin.replicaof("127.0.0.1", 1)  # nobody there: a read-only replica refuses every write
+            await admin.client_pause(200, all=False)  # so that all three wait for the one slot
+            refused = await asyncio.wait_for(
+                asyncio.gather(*(client.post("/sessions", json={"message": f"refused {i}"}) for i in range(3))), 10
+            )
+            for resp in refused:
+                await assert_problem(resp, 503)
+        finally:
+            await admin.replicaof("NO", "ONE")
+            await admin.aclose()
 
-    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        await admin.replicaof("127.0.0.1", 1)  # nobody there: a read-only replica refuses every write
-        await admin.client_pause(200, all=False)  # so that all three wait for the one slot
-        refused = await asyncio.wait_for(
-            asyncio.gather(*(client.post("/sessions", json={"message": f"refused {i}"}) for i in range(3))), 10
-        )
-        for resp in refused:
-            await assert_problem(resp, 503)
-    finally:
-        await admin.replicaof("NO", "ONE")
-        await admin.aclose()
-
-    for message in ("after all that", "and one more"):
-        created = await asyncio.wait_for(create_session(client, message), 5)
-        stream = await asyncio.wait_for(wait_terminal(client, created["id"]), 5)
-        assert text_of(stream.events) == "".join(words_for(message))
+        for message in ("after all that", "and one more"):
+            created = await asyncio.wait_for(create_session(client, message), 5)
+            stream = await asyncio.wait_for(wait_terminal(client, created["id"]), 5)
+            assert text_of(stream.events) == "".join(words_for(message))

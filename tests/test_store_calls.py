@@ -16,7 +16,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -102,6 +102,18 @@ def _stopped(server: RedisServer) -> Iterator[None]:
         os.kill(server.proc.pid, signal.SIGCONT)
 
 
+@contextlib.asynccontextmanager
+async def _pool_of_3(server: RedisServer) -> AsyncIterator[store.Store]:
+    """A store on `server` with a pool of 3 (2 connections for calls, besides the hub's), both already open."""
+    settings = dataclasses.replace(Settings(), redis_url=server.url, redis_pool_size=3)
+    st = await store.open_store(settings, owner="test")
+    try:
+        await asyncio.gather(st.ping(), st.ping())
+        yield st
+    finally:
+        await st.close()
+
+
 async def _waiting(calls: int, st: store.Store) -> None:
     """Until `calls` store calls wait for a connection (each connection's call is stuck on a stopped Redis)."""
     for _ in range(200):
@@ -115,10 +127,7 @@ async def test_calls_that_wait_for_a_connection_share_one_round_trip(own_redis: 
     """A burst of new sessions (POST /sessions) and of readers (GET /events) on a pool of 3: the calls that
     find both command connections busy are sent together when one frees, not one round trip each; every
     call still gets its own replies."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
-    st = await store.open_store(settings, owner="test")
-    try:
-        await asyncio.gather(st.ping(), st.ping())  # both command connections open
+    async with _pool_of_3(own_redis) as st:
         sids = [ids.new_id() for _ in range(100)]
         before = _reads(own_redis)
         with _stopped(own_redis):
@@ -134,17 +143,12 @@ async def test_calls_that_wait_for_a_connection_share_one_round_trip(own_redis: 
         # commands can take Redis several reads), a few for the 100 reads after, 1 for each INFO here.
         # One round trip per call would be 200 reads.
         assert _reads(own_redis) - before < 30
-    finally:
-        await st.close()
 
 
 async def test_in_a_shared_round_trip_a_call_that_cannot_be_sent_fails_alone(own_redis: RedisServer) -> None:
     """A message with a lone surrogate cannot be encoded: that session fails as it would on its own, and the
     sessions whose commands were to share its round trip are stored all the same."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
-    st = await store.open_store(settings, owner="test")
-    try:
-        await asyncio.gather(st.ping(), st.ping())
+    async with _pool_of_3(own_redis) as st:
         sids = [ids.new_id() for _ in range(8)]
         messages = [f"question {i}" for i in range(8)]
         messages[4] = "bad \ud800"
@@ -160,16 +164,11 @@ async def test_in_a_shared_round_trip_a_call_that_cannot_be_sent_fails_alone(own
         ] * 3
         metas = await asyncio.gather(*(st.session(sid) for sid in sids))
         assert [meta.message if meta else None for meta in metas] == [*messages[:4], None, *messages[5:]]
-    finally:
-        await st.close()
 
 
 async def test_a_waiting_call_given_up_is_not_sent_and_the_others_go_on(own_redis: RedisServer) -> None:
     """A POST whose client went away while its session waited for a connection: nothing of it is written."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
-    st = await store.open_store(settings, owner="test")
-    try:
-        await asyncio.gather(st.ping(), st.ping())
+    async with _pool_of_3(own_redis) as st:
         sids = [ids.new_id() for _ in range(6)]
         with _stopped(own_redis):
             creating = [asyncio.create_task(st.create_session(sid, ids.new_id(), sid)) for sid in sids]
@@ -180,18 +179,13 @@ async def test_a_waiting_call_given_up_is_not_sent_and_the_others_go_on(own_redi
         assert isinstance(outcomes[3], asyncio.CancelledError)
         metas = await asyncio.gather(*(st.session(sid) for sid in sids))
         assert [meta.message if meta else None for meta in metas] == [*sids[:3], None, *sids[4:]]
-    finally:
-        await st.close()
 
 
 async def test_a_redis_that_stops_answering_fails_every_waiting_call_in_time(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store, "CALL_TIMEOUT_SECONDS", 0.5)
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
-    st = await store.open_store(settings, owner="test")
-    try:
-        await asyncio.gather(st.ping(), st.ping())
+    async with _pool_of_3(own_redis) as st:
         sids = [ids.new_id() for _ in range(20)]
         with _stopped(own_redis):
             started = time.monotonic()
@@ -204,16 +198,12 @@ async def test_a_redis_that_stops_answering_fails_every_waiting_call_in_time(
         await asyncio.gather(*(st.create_session(sid, ids.new_id(), sid) for sid in again))
         metas = await asyncio.gather(*(st.session(sid) for sid in again))
         assert [meta.message if meta else None for meta in metas] == again
-    finally:
-        await st.close()
 
 
 async def test_rate_counts_go_on_after_redis_forgets_the_script_alone_or_in_a_shared_round(
     own_redis: RedisServer,
 ) -> None:
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url, redis_pool_size=3)
-    st = await store.open_store(settings, owner="test")
-    try:
+    async with _pool_of_3(own_redis) as st:
         assert (await st.count_hit("198.51.100.7", 60))[0] == 1
         with own_redis.client() as admin:
             admin.script_flush()
@@ -225,8 +215,6 @@ async def test_rate_counts_go_on_after_redis_forgets_the_script_alone_or_in_a_sh
             counting = [asyncio.create_task(st.count_hit(f"198.51.100.{i}", 60)) for i in range(10, 40)]
             await _waiting(28, st)
         assert [hits for hits, _ in await asyncio.gather(*counting)] == [1] * 30
-    finally:
-        await st.close()
 
 
 PACKED = [
