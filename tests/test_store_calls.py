@@ -298,12 +298,17 @@ async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(o
 
 
 @pytest.mark.parametrize("ahead_ms", [0, 1, 60_000])
+@pytest.mark.parametrize("last_field", ["kept", "absent"])
 async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_id(
-    own_redis: RedisServer, ahead_ms: int
+    own_redis: RedisServer, ahead_ms: int, last_field: str
 ) -> None:
     """A producer whose last id is no longer the tail ends the session with `store_data_lost`. Its error
     entry must come after the stream's top: the entry that moved the tail may carry this millisecond's id
-    or a later one (CI saw XADD refuse an id equal to the top, and the append fail instead)."""
+    or a later one (CI saw XADD refuse an id equal to the top, and the append fail instead).
+
+    The tail moves as a writer through the store's scripts moves it, with the meta hash's `last` (kept);
+    or the session has no `last` at all, as one stored by a version before the field, and the append checks
+    the stream's own top (absent)."""
     settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
     view = await store.open_store(settings, owner="test")
     raw = Redis.from_url(own_redis.url, decode_responses=True)
@@ -312,14 +317,82 @@ async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_i
         await view.create_session(sid, ids.new_id(), "question")
         (first,) = await view.append_many([(sid, "token", '{"text":"a"}')])
         assert isinstance(first, store.AppendResult) and first.id is not None
+        assert await raw.hget(keys.meta(sid), "last") == first.id
         now_ms = int(time.time() * 1000)
         other = await raw.xadd(keys.stream(sid), {"e": "token", "d": '{"text":"b"}'}, id=f"{now_ms + ahead_ms}-5")
+        if last_field == "kept":
+            await raw.hset(keys.meta(sid), "last", other)
+        else:
+            await raw.hdel(keys.meta(sid), "last")
         (late,) = await view.append_many([(sid, "token", '{"text":"c"}')])  # checked against `first`: lost
         assert not isinstance(late, Exception), late
         entries = await view.read_from(sid, "-")
         assert [e.data for e in entries[:2]] == ['{"text":"a"}', '{"text":"b"}']
         assert entries[-1].payload()["code"] == "store_data_lost"
         assert events.entry_key(entries[-1].id) > events.entry_key(str(other))
+        meta = await view.session(sid)
+        assert meta is not None and meta.status == "failed"
+    finally:
+        await raw.aclose()
+        await view.close()
+
+
+async def test_a_session_stored_before_the_last_field_goes_on(own_redis: RedisServer) -> None:
+    """A session whose meta hash has no `last` (stored by a version before it, mid-answer during a rolling
+    upgrade) is checked against the stream's top: its answer goes on, and the field is there after."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    view = await store.open_store(settings, owner="test")
+    raw = Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sid = ids.new_id()
+        await view.create_session(sid, ids.new_id(), "question")
+        (first,) = await view.append_many([(sid, "token", '{"text":"a"}')])
+        assert isinstance(first, store.AppendResult)
+        await raw.hdel(keys.meta(sid), "last")
+        (second,) = await view.append_many([(sid, "token", '{"text":"b"}')])
+        assert isinstance(second, store.AppendResult) and second.id is not None
+        assert [e.data for e in await view.read_from(sid, "-")] == ['{"text":"a"}', '{"text":"b"}']
+        assert await raw.hget(keys.meta(sid), "last") == second.id
+        meta = await view.session(sid)
+        assert meta is not None and meta.status == "streaming"
+    finally:
+        await raw.aclose()
+        await view.close()
+
+
+@pytest.mark.parametrize("how", ["tail dropped", "stream deleted", "last absent, stream deleted"])
+async def test_entries_lost_behind_the_producer_end_the_session_instead_of_a_gap(
+    own_redis: RedisServer, how: str
+) -> None:
+    """What Redis can lose under a producer, done by hand: the last script's writes (a failover to a replica
+    that missed it: the entry and the meta hash's `last` together), or the stream alone (evicted under a
+    `volatile-*` maxmemory policy, or deleted). The next append ends the answer with `store_data_lost`
+    rather than going on after a gap (or starting a new stream that holds only what comes next)."""
+    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
+    view = await store.open_store(settings, owner="test")
+    raw = Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sid = ids.new_id()
+        await view.create_session(sid, ids.new_id(), "question")
+        got = [await view.append_many([(sid, "token", f'{{"text":"{text}"}}')]) for text in "ab"]
+        (first,), (second,) = got
+        assert isinstance(first, store.AppendResult) and isinstance(second, store.AppendResult)
+        assert first.id is not None and second.id is not None
+        if how == "tail dropped":
+            await raw.xdel(keys.stream(sid), second.id)
+            await raw.hset(keys.meta(sid), "last", first.id)
+        else:
+            if how.startswith("last absent"):
+                await raw.hdel(keys.meta(sid), "last")
+            await raw.delete(keys.stream(sid))
+        (late,) = await view.append_many([(sid, "token", '{"text":"c"}')])
+        assert not isinstance(late, Exception), late
+        entries = await view.read_from(sid, "-")
+        assert '{"text":"c"}' not in [e.data for e in entries]
+        assert entries[-1].payload()["code"] == "store_data_lost"
+        assert events.entry_key(entries[-1].id) > events.entry_key(second.id)
+        meta = await view.session(sid)
+        assert meta is not None and meta.status == "failed"
     finally:
         await raw.aclose()
         await view.close()
