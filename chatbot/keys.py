@@ -19,7 +19,7 @@ def stream(session_id: str) -> str:
 
 
 def meta(session_id: str) -> str:
-    """Hash: conversation_id, message, status, cancel flag, terminal id."""
+    """Hash: conversation_id, message, status, cancel flag, terminal id, the last entry's id."""
     return f"{PREFIX}:{{{session_id}}}:meta"
 
 

@@ -253,15 +253,26 @@ _Batch = list[tuple[_Writer, list[tuple[str, str]], int, list[tuple[str, str, st
 class StartSlot:
     """One of `Producers.start_slot`'s places; `free` gives it to the next in line (once; later calls do nothing)."""
 
-    __slots__ = ("_starts",)
+    __slots__ = ("_freed", "_starts")
 
     def __init__(self, starts: asyncio.Semaphore) -> None:
         self._starts: asyncio.Semaphore | None = starts
+        self._freed: asyncio.Future[None] | None = None  # made by `given_back`, for a caller that waits
 
     def free(self) -> None:
         if self._starts is not None:
             self._starts.release()
             self._starts = None
+            if self._freed is not None and not self._freed.done():
+                self._freed.set_result(None)
+
+    async def given_back(self) -> None:
+        """Return once the slot is free: the answer's upstream request is on its way, or the answer ended."""
+        if self._starts is None:
+            return
+        if self._freed is None:
+            self._freed = asyncio.get_running_loop().create_future()
+        await self._freed  # cancelled with its caller; `free` then has nothing to set
 
 
 class _Batcher:

@@ -118,13 +118,15 @@ async def _start(request: web.Request, body: dict[str, Any], message: str, conve
             await store.create_session(session_id, conversation_id, message)
             producers.spawn(session_id, messages, conversation_id=conversation_id, sources=sources, slot=slot)
             return session_id
-        # The producer starts its upstream request while the session is being stored; it writes nothing
-        # before `stored` is set, and drops the answer if the session could not be stored.
+        # The producer sends its upstream request first, and the session is stored while the upstream
+        # answers; the producer writes nothing before `stored` is set, and drops the answer if the session
+        # could not be stored.
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         producers.spawn(
             session_id, messages, conversation_id=conversation_id, sources=sources, stored=stored, slot=slot
         )
         try:
+            await slot.given_back()
             await store.create_session(session_id, conversation_id, message)
         except BaseException:
             stored.cancel()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient, TestServer
 from redis import asyncio as aioredis
 
@@ -123,3 +124,39 @@ async def test_a_start_slot_is_given_back_however_the_start_ends(redis_url: str)
             created = await asyncio.wait_for(create_session(client, message), 5)
             stream = await asyncio.wait_for(wait_terminal(client, created["id"]), 5)
             assert text_of(stream.events) == "".join(words_for(message))
+
+
+class SeesTheStore(CostlyStart):
+    """Records, when its request would be on its way (before its first wait), whether its session is in Redis."""
+
+    def __init__(self, redis_url: str) -> None:
+        super().__init__(build=0.0)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.stored_when_sent: list[bool] = []
+
+    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str | Finish]:
+        # A blocking read from inside the loop: nothing of the app's can run until it has its answer.
+        self.stored_when_sent.append(bool(self.redis.keys("chatbot:*:meta")))
+        async for item in super().stream(messages):
+            yield item
+
+
+async def test_a_lone_visitors_upstream_request_goes_before_the_session_is_stored(redis_url: str) -> None:
+    """With a start slot free, the provider's request goes first and the session is stored while the
+    upstream answers (time to first token, bench/RESULTS.md): when the request leaves, the store has not
+    been asked yet. Its answer is whole all the same, and a store that refuses the session still gets a 503
+    (`tests/test_providers_upstream.py`)."""
+    provider = SeesTheStore(redis_url)
+    try:
+        async with service(redis_url, provider) as client:
+            for i in range(3):
+                with provider.redis.pipeline() as pipe:
+                    for key in provider.redis.scan_iter("chatbot:*"):
+                        pipe.delete(key)
+                    pipe.execute()
+                session = await create_session(client, f"lone {i}")
+                stream = await wait_terminal(client, session["id"])
+                assert text_of(stream.events) == "".join(words_for(f"lone {i}"))
+            assert provider.stored_when_sent == [False, False, False]
+    finally:
+        provider.redis.close()
