@@ -297,6 +297,40 @@ async def test_appends_go_on_after_redis_forgets_its_scripts_one_entry_or_many(o
         await st.close()
 
 
+@contextlib.asynccontextmanager
+async def _answer_begun(
+    own_redis: RedisServer, *texts: str
+) -> AsyncIterator[tuple[store.Store, Redis, str, list[str]]]:
+    """A store, a plain client on its Redis, and a session whose producer appended `texts`: their ids."""
+    view = await store.open_store(dataclasses.replace(Settings(), redis_url=own_redis.url), owner="test")
+    raw = Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sid = ids.new_id()
+        await view.create_session(sid, ids.new_id(), "question")
+        appended = [await _append(view, sid, text) for text in texts]
+        yield view, raw, sid, appended
+    finally:
+        await raw.aclose()
+        await view.close()
+
+
+async def _append(view: store.Store, sid: str, text: str) -> str:
+    """The producer's next token entry, through the batcher's call; its id."""
+    (result,) = await view.append_many([(sid, "token", f'{{"text":"{text}"}}')])
+    assert isinstance(result, store.AppendResult) and result.id is not None, result
+    return result.id
+
+
+async def _ended_as_lost(view: store.Store, sid: str, after: str) -> list[str]:
+    """The session ended with `store_data_lost`, its error entry after the id `after`; the texts before it."""
+    entries = await view.read_from(sid, "-")
+    assert entries[-1].payload()["code"] == "store_data_lost"
+    assert events.entry_key(entries[-1].id) > events.entry_key(after)
+    meta = await view.session(sid)
+    assert meta is not None and meta.status == "failed"
+    return [e.data for e in entries[:-1]]
+
+
 @pytest.mark.parametrize("ahead_ms", [0, 1, 60_000])
 @pytest.mark.parametrize("last_field", ["kept", "absent"])
 async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_id(
@@ -309,15 +343,8 @@ async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_i
     The tail moves as a writer through the store's scripts moves it, with the meta hash's `last` (kept);
     or the session has no `last` at all, as one stored by a version before the field, and the append checks
     the stream's own top (absent)."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
-    view = await store.open_store(settings, owner="test")
-    raw = Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        sid = ids.new_id()
-        await view.create_session(sid, ids.new_id(), "question")
-        (first,) = await view.append_many([(sid, "token", '{"text":"a"}')])
-        assert isinstance(first, store.AppendResult) and first.id is not None
-        assert await raw.hget(keys.meta(sid), "last") == first.id
+    async with _answer_begun(own_redis, "a") as (view, raw, sid, (first,)):
+        assert await raw.hget(keys.meta(sid), "last") == first
         now_ms = int(time.time() * 1000)
         other = await raw.xadd(keys.stream(sid), {"e": "token", "d": '{"text":"b"}'}, id=f"{now_ms + ahead_ms}-5")
         if last_field == "kept":
@@ -326,38 +353,19 @@ async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_i
             await raw.hdel(keys.meta(sid), "last")
         (late,) = await view.append_many([(sid, "token", '{"text":"c"}')])  # checked against `first`: lost
         assert not isinstance(late, Exception), late
-        entries = await view.read_from(sid, "-")
-        assert [e.data for e in entries[:2]] == ['{"text":"a"}', '{"text":"b"}']
-        assert entries[-1].payload()["code"] == "store_data_lost"
-        assert events.entry_key(entries[-1].id) > events.entry_key(str(other))
-        meta = await view.session(sid)
-        assert meta is not None and meta.status == "failed"
-    finally:
-        await raw.aclose()
-        await view.close()
+        assert await _ended_as_lost(view, sid, str(other)) == ['{"text":"a"}', '{"text":"b"}']
 
 
 async def test_a_session_stored_before_the_last_field_goes_on(own_redis: RedisServer) -> None:
     """A session whose meta hash has no `last` (stored by a version before it, mid-answer during a rolling
     upgrade) is checked against the stream's top: its answer goes on, and the field is there after."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
-    view = await store.open_store(settings, owner="test")
-    raw = Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        sid = ids.new_id()
-        await view.create_session(sid, ids.new_id(), "question")
-        (first,) = await view.append_many([(sid, "token", '{"text":"a"}')])
-        assert isinstance(first, store.AppendResult)
+    async with _answer_begun(own_redis, "a") as (view, raw, sid, _):
         await raw.hdel(keys.meta(sid), "last")
-        (second,) = await view.append_many([(sid, "token", '{"text":"b"}')])
-        assert isinstance(second, store.AppendResult) and second.id is not None
+        second = await _append(view, sid, "b")
         assert [e.data for e in await view.read_from(sid, "-")] == ['{"text":"a"}', '{"text":"b"}']
-        assert await raw.hget(keys.meta(sid), "last") == second.id
+        assert await raw.hget(keys.meta(sid), "last") == second
         meta = await view.session(sid)
         assert meta is not None and meta.status == "streaming"
-    finally:
-        await raw.aclose()
-        await view.close()
 
 
 @pytest.mark.parametrize("how", ["tail dropped", "stream deleted", "last absent, stream deleted"])
@@ -368,34 +376,17 @@ async def test_entries_lost_behind_the_producer_end_the_session_instead_of_a_gap
     that missed it: the entry and the meta hash's `last` together), or the stream alone (evicted under a
     `volatile-*` maxmemory policy, or deleted). The next append ends the answer with `store_data_lost`
     rather than going on after a gap (or starting a new stream that holds only what comes next)."""
-    settings = dataclasses.replace(Settings(), redis_url=own_redis.url)
-    view = await store.open_store(settings, owner="test")
-    raw = Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        sid = ids.new_id()
-        await view.create_session(sid, ids.new_id(), "question")
-        got = [await view.append_many([(sid, "token", f'{{"text":"{text}"}}')]) for text in "ab"]
-        (first,), (second,) = got
-        assert isinstance(first, store.AppendResult) and isinstance(second, store.AppendResult)
-        assert first.id is not None and second.id is not None
+    async with _answer_begun(own_redis, "a", "b") as (view, raw, sid, (first, second)):
         if how == "tail dropped":
-            await raw.xdel(keys.stream(sid), second.id)
-            await raw.hset(keys.meta(sid), "last", first.id)
+            await raw.xdel(keys.stream(sid), second)
+            await raw.hset(keys.meta(sid), "last", first)
         else:
             if how.startswith("last absent"):
                 await raw.hdel(keys.meta(sid), "last")
             await raw.delete(keys.stream(sid))
         (late,) = await view.append_many([(sid, "token", '{"text":"c"}')])
         assert not isinstance(late, Exception), late
-        entries = await view.read_from(sid, "-")
-        assert '{"text":"c"}' not in [e.data for e in entries]
-        assert entries[-1].payload()["code"] == "store_data_lost"
-        assert events.entry_key(entries[-1].id) > events.entry_key(second.id)
-        meta = await view.session(sid)
-        assert meta is not None and meta.status == "failed"
-    finally:
-        await raw.aclose()
-        await view.close()
+        assert '{"text":"c"}' not in await _ended_as_lost(view, sid, second)
 
 
 async def test_an_error_from_outside_the_producer_ends_a_session_whose_tail_moved_meanwhile(
