@@ -356,6 +356,32 @@ async def test_a_lost_tail_ends_the_session_after_the_streams_top_whatever_its_i
         assert await _ended_as_lost(view, sid, str(other)) == ['{"text":"a"}', '{"text":"b"}']
 
 
+async def test_each_entry_of_a_batch_gets_its_own_answer(own_redis: RedisServer) -> None:
+    """One call of the batcher's script answers each entry apart: appended (the id alone on the wire), appended
+    with a cancel asked, not appended because its session ended, or an error of its own; the others stand."""
+    async with _answer_begun(own_redis, "a") as (view, raw, plain, _):
+        sids = {"plain": plain}
+        for name in ("cancelled", "ended", "broken"):
+            sids[name] = ids.new_id()
+            await view.create_session(sids[name], ids.new_id(), "question")
+            await _append(view, sids[name], "a")
+        assert await view.request_cancel(sids["cancelled"], events.done_data("cancelled")) == "requested"
+        await raw.hset(keys.meta(sids["ended"]), "status", "done")
+        await raw.delete(keys.stream(sids["broken"]))
+        await raw.set(keys.stream(sids["broken"]), "not a stream")
+        results = await view.append_many([(sid, "token", '{"text":"b"}') for sid in sids.values()])
+        got = dict(zip(sids, results, strict=True))
+        assert isinstance(got["plain"], store.AppendResult) and got["plain"].id is not None
+        assert not got["plain"].cancel_requested and not got["plain"].ended
+        assert isinstance(got["cancelled"], store.AppendResult) and got["cancelled"].id is not None
+        assert got["cancelled"].cancel_requested
+        assert got["ended"] == store.AppendResult(id=None, ended=True, cancel_requested=False)
+        assert isinstance(got["broken"], ResponseError) and "WRONGTYPE" in str(got["broken"])
+        for name in ("plain", "cancelled"):
+            assert [e.data for e in await view.read_from(sids[name], "-")] == ['{"text":"a"}', '{"text":"b"}']
+        assert [e.data for e in await view.read_from(sids["ended"], "-")] == ['{"text":"a"}']
+
+
 async def test_a_session_stored_before_the_last_field_goes_on(own_redis: RedisServer) -> None:
     """A session whose meta hash has no `last` (stored by a version before it, mid-answer during a rolling
     upgrade) is checked against the stream's top: its answer goes on, and the field is there after."""
