@@ -20,69 +20,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import glob
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
 
-from bench.procs import REDIS_SERVER, free_port
+from bench.procs import REDIS_SERVER, Proc, free_port, wait_until
 from chatbot import ids, store
 from chatbot.settings import Settings
 
 SESSIONS = 100
 
 
-class CallgrindRedis:
-    """redis-server under callgrind, no persistence, on a free loopback port."""
+class CallgrindRedis(Proc):
+    """redis-server under callgrind, no persistence, on a free loopback port; its dumps go to `out`."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Path) -> None:
         self.port = free_port()
-        self._dir = tempfile.mkdtemp(prefix="chatbot-append-cost-")
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self._dir}/callgrind.%p"]
-        argv += [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", self._dir]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._out = out
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.%p", REDIS_SERVER]
+        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(out)]
+        super().__init__("redis-callgrind", argv, cores=os.sched_getaffinity(0), out=out, env={})
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self._proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("redis-server under valgrind did not answer within 60 s") from None
-                time.sleep(0.2)
-        client.close()
+        try:
+            wait_until(lambda: self._answers(client), what="redis-server under valgrind", proc=self, timeout=60)
+        finally:
+            client.close()
+
+    @staticmethod
+    def _answers(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
 
     def zero(self) -> None:
-        subprocess.run(["callgrind_control", "-z", str(self._proc.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True, capture_output=True)
 
     def instructions(self) -> int:
         """Instructions executed since the last `zero` (a dump of the counters, read back)."""
-        for old in glob.glob(f"{self._dir}/callgrind.*"):
-            os.remove(old)
-        subprocess.run(["callgrind_control", "-d", str(self._proc.pid)], check=True, capture_output=True)
-        (dump,) = glob.glob(f"{self._dir}/callgrind.*")
-        for line in Path(dump).read_text().splitlines():
+        for old in self._out.glob("callgrind.*"):
+            old.unlink()
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
+        (dump,) = self._out.glob("callgrind.*")
+        for line in dump.read_text().splitlines():
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1])
         raise RuntimeError(f"no totals in {dump}")
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        try:
-            self._proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 async def _measure(server: CallgrindRedis, sizes: list[int], calls: int) -> dict[int, float]:
@@ -120,11 +108,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,5,20", help="entries per call, comma-separated")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    server = CallgrindRedis()
+    out = Path(tempfile.mkdtemp(prefix="chatbot-append-cost-"))
+    server = CallgrindRedis(out)
     try:
         per_entry = asyncio.run(_measure(server, sizes, args.calls))
     finally:
         server.stop()
+        shutil.rmtree(out, ignore_errors=True)
     print("| entries per call | Redis instructions per entry | per call |\n|---:|---:|---:|")
     for size, count in per_entry.items():
         print(f"| {size} | {count:,.0f} | {count * size:,.0f} |")
