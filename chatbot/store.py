@@ -192,9 +192,9 @@ def _lua_name(name_of: Callable[[str], str]) -> str:
 # ARGV: maxlen, ttl, then session id, event, data, expected id of each entry. The script names each session's
 # keys itself (`keys`, as Lua expressions): three key names less to pack and send per entry.
 # Entries are never terminal. One reply per entry: the new id alone when it was appended and no cancel is
-# asked (nearly every entry: a nested reply per entry was 9 % of Redis's instructions per entry, callgrind),
-# else _APPEND's reply, or {"error", message} when a command failed for that entry alone (the others
-# stand; an entry fails before its first write or not at all).
+# asked (nearly every entry; a nested reply per entry cost 8 % of Redis's instructions per entry,
+# bench/append_script_cost.py), else _APPEND's reply, or {"error", message} when a command failed for that
+# entry alone (the others stand; an entry fails before its first write or not at all).
 _APPEND_MANY = (
     _APPEND_LUA
     + f"""
