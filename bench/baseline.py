@@ -4,6 +4,10 @@ Same API shape as the service (`POST /sessions`, `GET /events/<id>` with Last-Ev
 format (`chatbot.events`), so the same load generator drives both. No Lua, no pub/sub, no hub, no
 coalescing, no lease: each upstream delta is one XADD, each open stream holds its own Redis connection in
 `XREAD BLOCK`. Run by the harness as `python -m bench.baseline --port N --redis URL --upstream URL`.
+
+With `--store memory` it keeps no store at all: each token goes from the upstream's read straight to the
+session's readers in this process (an id per token, resumable while the process lives). That is the least a
+relay in Python with aiohttp can do between an upstream and a browser, the yardstick of `bench/ttft_floor.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 REDIS_URL = web.AppKey("redis_url", str)
 TASKS = web.AppKey("tasks", set[asyncio.Task[None]])
+MEMORY = web.AppKey("memory", dict)  # --store memory: session id → _Held
 
 TTL_SECONDS = 3600
 BLOCK_MS = 15_000  # a reader's XREAD waits this long, then sends a ping comment
@@ -38,6 +43,8 @@ def _key(session_id: str) -> str:
 async def create(request: web.Request) -> web.Response:
     body = await request.json()
     session_id = secrets.token_urlsafe(16)
+    if MEMORY in request.app:
+        request.app[MEMORY][session_id] = _Held()  # kept until the process ends
     task = asyncio.create_task(_produce(request.app, session_id, str(body["message"])))
     tasks: set[asyncio.Task[None]] = request.app[TASKS]
     tasks.add(task)
@@ -45,8 +52,8 @@ async def create(request: web.Request) -> web.Response:
     return web.json_response({"id": session_id, "events_url": f"/events/{session_id}"}, status=201)
 
 
-async def _produce(app: web.Application, session_id: str, message: str) -> None:
-    redis, key = app[REDIS], _key(session_id)
+async def _upstream_texts(app: web.Application, message: str) -> AsyncIterator[str]:
+    """The upstream's answer: each delta's text as its line arrives."""
     request = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": message}]}
     async with app[HTTP].post(app[UPSTREAM] + "/chat/completions", json=request) as response:
         async for line in response.content:
@@ -58,17 +65,47 @@ async def _produce(app: web.Application, session_id: str, message: str) -> None:
             choices = json.loads(data).get("choices")
             text = choices[0]["delta"].get("content") if choices else None
             if text:
-                await redis.xadd(key, {"e": events.TOKEN, "d": events.token_data(text)})
+                yield text
+
+
+async def _produce(app: web.Application, session_id: str, message: str) -> None:
+    if MEMORY in app:
+        held = app[MEMORY][session_id]
+        async for text in _upstream_texts(app, message):
+            held.add(events.TOKEN, events.token_data(text))
+        held.add(events.DONE, events.done_data("stop"))
+        return
+    redis, key = app[REDIS], _key(session_id)
+    async for text in _upstream_texts(app, message):
+        await redis.xadd(key, {"e": events.TOKEN, "d": events.token_data(text)})
     await redis.xadd(key, {"e": events.DONE, "d": events.done_data("stop")})
     await redis.expire(key, TTL_SECONDS)
 
 
+class _Held:
+    """`--store memory`: one answer's events in this process, and a flag its readers wait on."""
+
+    def __init__(self) -> None:
+        self.events: list[events.Event] = []
+        self.changed = asyncio.Event()
+
+    def add(self, event: str, data: str) -> None:
+        self.events.append(events.Event(f"{len(self.events) + 1}-0", event, data))
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
-    redis, key = request.app[REDIS], _key(request.match_info["session_id"])
     last = request.headers.get("Last-Event-ID") or "0-0"
+    held = request.app[MEMORY].get(request.match_info["session_id"]) if MEMORY in request.app else None
+    if MEMORY in request.app and held is None:
+        raise web.HTTPNotFound()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
     await response.prepare(request)
     await response.write(events.retry_field(1000))
+    if held is not None:
+        return await _stream_held(held, response, int(last.partition("-")[0]))
+    redis, key = request.app[REDIS], _key(request.match_info["session_id"])
     while True:
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await redis.xread(  # type: ignore[assignment]
             {key: last}, count=512, block=BLOCK_MS
@@ -87,6 +124,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await response.write(b"".join(out))
 
 
+async def _stream_held(held: _Held, response: web.StreamResponse, sent: int) -> web.StreamResponse:
+    """`--store memory`: the answer's events after the `sent` first, as they come."""
+    while True:
+        changed = held.changed
+        if len(held.events) > sent:
+            fresh = held.events[sent:]
+            sent += len(fresh)
+            await response.write(b"".join(events.frame(event) for event in fresh))
+            if fresh[-1].terminal:
+                return response
+        await changed.wait()
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     # No connection cap: every blocked XREAD holds one connection of this pool.
     app[REDIS] = aioredis.Redis.from_url(
@@ -103,9 +153,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[REDIS].aclose()
 
 
-def create_app(redis_url: str, upstream: str) -> web.Application:
+def create_app(redis_url: str, upstream: str, store: str = "redis") -> web.Application:
     app = web.Application()
     app[UPSTREAM], app[REDIS_URL] = upstream, redis_url
+    if store == "memory":
+        app[MEMORY] = {}
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/sessions", create)
     app.router.add_get("/events/{session_id}", stream)
@@ -122,8 +174,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
     parser.add_argument("--upstream", required=True, help="the OpenAI base URL, ending in /v1")
+    parser.add_argument("--store", choices=("redis", "memory"), default="redis")
     args = parser.parse_args()
-    web.run_app(create_app(args.redis, args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    app = create_app(args.redis, args.upstream, args.store)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ class Upstream(Proc):
 
 
 class Server(Proc):
-    """The service or the baseline, serving on a free port."""
+    """The service, the baseline or the floor (the baseline with no store), serving on a free port."""
 
     def __init__(
         self,
@@ -266,7 +266,7 @@ class Server(Proc):
             env = {**_pythonpath(), **service_env(self.port, redis_url, upstream)}
         else:
             argv = [sys.executable, "-m", "bench.baseline", "--port", str(self.port), "--redis", redis_url]
-            argv += ["--upstream", upstream + "/v1"]
+            argv += ["--upstream", upstream + "/v1", "--store", "memory" if kind == "floor" else "redis"]
             env = _pythonpath()
         if kind == "service":
             env.update(extra_env or {})

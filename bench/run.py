@@ -431,7 +431,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small numbers: about two minutes")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="service,baseline")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="service,baseline,floor (no store)")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="ttft,relay,streams,resume")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy the service under load (default: on for the full run)")  # fmt: skip

@@ -103,6 +103,31 @@ def test_quick_run_measures_both_servers(tmp_path: Path) -> None:
         assert (resume["gaps"], resume["duplicates"], resume["errors"]) == (0, 0, 0)
 
 
+@pytest.mark.timeout(150)
+def test_the_floor_relays_every_token_and_is_measured_beside_both_servers(tmp_path: Path) -> None:
+    """`bench.baseline --store memory` (the floor of `bench/ttft_floor.py`) loses and repeats nothing, resumes
+    by Last-Event-ID, and the floor script gives each of the three servers its added time to first token."""
+    argv = [sys.executable, "-m", "bench", "--quick", "--no-profile", "--out", str(tmp_path), "--targets", "floor"]
+    argv += ["--only", "ttft,relay,resume"]
+    for name, value in TINY.items():
+        argv += ["--set", f"{name}={value}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr[-4000:]
+    floor = json.loads((tmp_path / "results.json").read_text())["targets"]["floor"]
+    (step,) = floor["ramp"]
+    assert step["achieved"] > 0.8 * step["offered"] and (step["errors"], step["gaps"]) == (0, 0)
+    assert floor["resume"]["reconnects"] > 0
+    assert (floor["resume"]["gaps"], floor["resume"]["duplicates"], floor["resume"]["errors"]) == (0, 0, 0)
+
+    argv = [sys.executable, "bench/ttft_floor.py", "--rounds", "1", "--runs", "5"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in done.stdout.splitlines() if line.startswith("| ")}
+    for kind in ("floor", "baseline", "service"):
+        assert 0 < float(rows[kind][2].split()[0]) < 1000, rows[kind]
+
+
 @pytest.mark.timeout(90)
 def test_peers_are_skipped_with_the_reason_when_not_installed(tmp_path: Path) -> None:
     """`make bench` still measures the service on the peers' workload when their drivers are absent."""
