@@ -11,10 +11,11 @@ the upstream directly) against three servers in turn, pinned to the same core, i
 - `baseline`: the same with one Redis `XADD` per token and a blocking `XREAD` per reader;
 - `service`: `chatbot serve`.
 
-The floor's added time is what two more loopback hops (the visitor to the relay, the relay to the
-upstream, and back) cost on the VM, whatever the relay does; the service's figure less the floor's is the
-service's own. Printed: each server's added p50 (and p99) per round and the median over the rounds, with
-the split at the upstream's write of the first token.
+The floor's added time is what the relay's extra loopback hops (the visitor to the relay and the relay to
+the upstream, instead of the visitor to the upstream, and the same back) cost on this VM with the least
+work in between; the service's figure less the floor's is what its own work adds. Printed: each server's
+added p50 in each round, and the medians over the rounds of its added p50 and p99 and of the p50s before
+and after the upstream's write of the first token.
 
     PYTHONPATH=. python bench/ttft_floor.py [--rounds 3] [--runs 300] [--delay-ms 10]
 """
